@@ -1,0 +1,224 @@
+"""Model presets as plain dataclasses, and :func:`build_model`.
+
+Two families:
+
+* ``*_cpu`` -- the small models the course trains on 128x128 digit scenes (10 classes) on two CPU
+  cores: a ResNet-10 (one BasicBlock per stage), C = 128, 2 encoder + 3 decoder layers;
+* ``*_r50_coco`` -- the published ResNet-50 COCO configurations, for GPUs:
+
+  ============================  =====  =======  ========  ===========  ======  =====  ================
+  preset                        C      enc/dec  queries   FFN          drop    levels  source
+  ============================  =====  =======  ========  ===========  ======  =====  ================
+  ``detr_r50_coco``             256    6/6      100       2048         0.1     1      Carion et al. 2020, sec. 4 and A.4
+  ``deformable_detr_r50_coco``  256    6/6      300       1024         0.1     4      Zhu et al. 2021, sec. 5 and A.2
+  ``dino_r50_coco``             256    6/6      900       2048         0.0     4      Zhang et al. 2022, sec. 4.1 (DINO-4scale)
+  ============================  =====  =======  ========  ===========  ======  =====  ================
+
+  (DETR-R50 trains 500 epochs, lr 1e-4 / backbone 1e-5, weight decay 1e-4, gradient clip 0.1;
+  Deformable DETR 50 epochs at lr 2e-4, drop at 40; DINO 12 epochs ("1x") at lr 1e-4, drop at 11,
+  dn_number 100, label_noise_ratio 0.5, box_noise_scale 1.0 -- as published; the training chapter
+  owns the optimiser settings.) ``num_classes = 91`` follows DETR's use of the raw COCO category ids;
+  a COCO loader that remaps ids to 0..79 sets it to 80.
+
+Configs are dataclasses so a preset can be edited with :func:`dataclasses.replace` and saved into a
+checkpoint with :func:`dataclasses.asdict`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from torch import nn
+
+__all__ = [
+    "BackboneConfig",
+    "DETRConfig",
+    "DeformableDETRConfig",
+    "DINOConfig",
+    "ModelConfig",
+    "PRESET_NAMES",
+    "get_preset",
+    "build_model",
+    "config_from_dict",
+]
+
+
+@dataclass
+class BackboneConfig:
+    """Arguments of :class:`detr_edu.backbone.Backbone` (except ``embed_dim``, taken from the model).
+
+    ``norm="frozen"`` (FrozenBatchNorm, what detection code uses for a pretrained ResNet) is refused
+    without ``weights_path``: frozen random statistics never normalise, and with
+    ``zero_init_residual`` every residual branch stays dead (chapter 04 shows it).
+    """
+
+    depth: int = 50
+    levels: tuple[int, ...] = (2, 3, 4)
+    norm: Literal["batch", "frozen", "group"] = "batch"
+    zero_init_residual: bool = False
+    weights_path: str | None = None
+    drop_maxpool: bool = False
+    num_extra_levels: int = 1
+    num_groups: int = 32
+
+    def __post_init__(self) -> None:
+        self.levels = tuple(self.levels)
+        if self.norm == "frozen" and self.weights_path is None:
+            raise ValueError(
+                "norm='frozen' needs pretrained weights (weights_path): frozen BatchNorm in a randomly "
+                "initialised ResNet never normalises (and kills zero-initialised residual branches)"
+            )
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.levels) + self.num_extra_levels
+
+
+@dataclass
+class DETRConfig:
+    """DETR (Carion et al. 2020): dense transformer on one level, learned object queries.
+
+    ``no_object_class=True`` is the paper's softmax head with K + 1 logits (train with
+    ``class_loss="ce"``); the course's default is the sigmoid/focal head the other two models use,
+    so that comparisons isolate the architecture.
+    """
+
+    num_classes: int = 91
+    embed_dim: int = 256
+    num_heads: int = 8
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    feedforward_dim: int = 2048
+    dropout: float = 0.1
+    num_queries: int = 100
+    no_object_class: bool = False
+    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(levels=(4,), num_extra_levels=0))
+
+
+@dataclass
+class DeformableDETRConfig:
+    """Deformable DETR (Zhu et al. 2021), with its two ablation flags ``box_refine`` and ``two_stage``."""
+
+    num_classes: int = 91
+    embed_dim: int = 256
+    num_heads: int = 8
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    feedforward_dim: int = 1024
+    dropout: float = 0.1
+    num_queries: int = 300
+    num_points: int = 4
+    box_refine: bool = False
+    two_stage: bool = False
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+
+
+@dataclass
+class DINOConfig:
+    """DINO (Zhang et al. 2022): two-stage, box refinement, mixed query selection, look forward twice.
+
+    ``dn_number``, ``label_noise_ratio`` and ``box_noise_scale`` configure contrastive denoising
+    (chapter 07); the forward pass of chapter 04 only stores them.
+    """
+
+    num_classes: int = 91
+    embed_dim: int = 256
+    num_heads: int = 8
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    feedforward_dim: int = 2048
+    dropout: float = 0.0
+    num_queries: int = 900
+    num_points: int = 4
+    look_forward_twice: bool = True
+    mixed_query_selection: bool = True
+    dn_number: int = 100
+    label_noise_ratio: float = 0.5
+    box_noise_scale: float = 1.0
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+
+
+ModelConfig = DETRConfig | DeformableDETRConfig | DINOConfig
+
+PRESET_NAMES = (
+    "detr_cpu",
+    "deformable_detr_cpu",
+    "dino_cpu",
+    "detr_r50_coco",
+    "deformable_detr_r50_coco",
+    "dino_r50_coco",
+)
+
+
+def _cpu_backbone(levels: tuple[int, ...], num_extra_levels: int) -> BackboneConfig:
+    # ResNet-10: a ResNet-18 with one block per stage; trainable BatchNorm (no pretrained weights)
+    return BackboneConfig(
+        depth=10, levels=levels, norm="batch", num_extra_levels=num_extra_levels, num_groups=32
+    )
+
+
+def get_preset(name: str, *, num_classes: int | None = None) -> ModelConfig:
+    """A fresh config for preset ``name`` (one of :data:`PRESET_NAMES`).
+
+    Args:
+        name: preset name.
+        num_classes: override the preset's class count (e.g. 80 for remapped COCO ids).
+    """
+    cpu = {
+        "embed_dim": 128,
+        "num_heads": 8,
+        "num_encoder_layers": 2,
+        "num_decoder_layers": 3,
+        "feedforward_dim": 512,
+        "num_classes": 10,
+    }
+    if name == "detr_cpu":
+        # one level at stride 16 (8x8 tokens on a 128-px image): C5 alone would be 4x4
+        cfg: ModelConfig = DETRConfig(**cpu, dropout=0.0, num_queries=30, backbone=_cpu_backbone((3,), 0))
+    elif name == "deformable_detr_cpu":
+        cfg = DeformableDETRConfig(
+            **cpu, dropout=0.0, num_queries=30, box_refine=True, backbone=_cpu_backbone((2, 3, 4), 1)
+        )
+    elif name == "dino_cpu":
+        cfg = DINOConfig(**cpu, num_queries=30, dn_number=30, backbone=_cpu_backbone((2, 3, 4), 1))
+    elif name == "detr_r50_coco":
+        cfg = DETRConfig(no_object_class=True)
+    elif name == "deformable_detr_r50_coco":
+        cfg = DeformableDETRConfig()
+    elif name == "dino_r50_coco":
+        cfg = DINOConfig()
+    else:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
+    if num_classes is not None:
+        cfg.num_classes = num_classes
+    return cfg
+
+
+def config_from_dict(data: dict) -> ModelConfig:
+    """Rebuild a config saved with ``{"model": type(cfg).__name__, **dataclasses.asdict(cfg)}``."""
+    data = dict(data)
+    kinds = {"DETRConfig": DETRConfig, "DeformableDETRConfig": DeformableDETRConfig, "DINOConfig": DINOConfig}
+    kind = data.pop("model", None)
+    if kind not in kinds:
+        raise ValueError(f"data['model'] must be one of {sorted(kinds)}, got {kind!r}")
+    backbone = BackboneConfig(**data.pop("backbone"))
+    return kinds[kind](**data, backbone=backbone)
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """Instantiate the model a config describes (DETR, DeformableDETR or DINO)."""
+    # imported here so that ``config`` stays importable without the models (and without cycles)
+    from detr_edu.deformable_detr import DeformableDETR
+    from detr_edu.detr import DETR
+    from detr_edu.dino import DINO
+
+    if isinstance(cfg, DETRConfig):
+        return DETR.from_config(cfg)
+    if isinstance(cfg, DeformableDETRConfig):
+        return DeformableDETR.from_config(cfg)
+    if isinstance(cfg, DINOConfig):
+        return DINO.from_config(cfg)
+    raise ValueError(
+        f"cfg must be a DETRConfig, DeformableDETRConfig or DINOConfig, got {type(cfg).__name__}"
+    )
