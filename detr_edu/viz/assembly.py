@@ -206,7 +206,7 @@ def plot_sampling_with_without_ratios(
     h, w = valid_hw
     scale = torch.tensor([W, H], dtype=locations_with.dtype)
     box_xyxy = box_cxcywh_to_xyxy(box_cxcywh) * torch.tensor([w, h, w, h], dtype=box_cxcywh.dtype)  # pixels
-    fig, axes = plt.subplots(1, 2, figsize=(9.0, 4.0))
+    fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.6))
     for ax, name, loc in (
         (axes[0], "with valid ratios (p * r_l)", locations_with),
         (axes[1], "without (p used as padded-frame coordinate)", locations_without),
