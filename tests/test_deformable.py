@@ -284,3 +284,84 @@ def test_bad_inputs_raise_clear_errors():
         offsets_to_locations(torch.rand(2, 3, 4, 3), torch.zeros(2, 3, 2, 4, 2, 2), shapes4)
     with pytest.raises(ValueError, match="every level must be"):
         flatten_levels([torch.zeros(1, 4, 2, 2), torch.zeros(1, 3, 2, 2)])
+
+
+# --- chapter 02 pictures (detr_edu.viz.deformable): the computing helpers against hand counts, and
+# the plotting functions as smoke tests (each returns a figure with the expected panels).
+
+
+def test_image_pyramid_halves_rounding_up_and_keeps_the_mean():
+    from detr_edu.viz.deformable import image_pyramid
+
+    image = torch.rand(3, 100, 150, generator=torch.Generator().manual_seed(0))
+    pyramid = image_pyramid(image, base_hw=(50, 75), num_levels=4)
+    assert [tuple(p.shape[-2:]) for p in pyramid] == [(50, 75), (25, 38), (13, 19), (7, 10)]
+    torch.testing.assert_close(pyramid[0].mean(), image.mean())  # area resizing by an exact factor
+    with pytest.raises(ValueError, match="image must be"):
+        image_pyramid(image[0], base_hw=(4, 4), num_levels=2)
+
+
+def test_initial_sampling_is_the_ring_around_the_reference():
+    from detr_edu.viz.deformable import initial_sampling
+
+    shapes = torch.tensor([[8, 16], [4, 8]])
+    ref = torch.tensor([0.5, 0.25])
+    locs, weights = initial_sampling(reference=ref, spatial_shapes=shapes, num_heads=4, num_points=3)
+    assert locs.shape == (4, 2, 3, 2) and weights.shape == (4, 2, 3)
+    torch.testing.assert_close(weights, torch.full_like(weights, 1 / 6))
+    # Head 0 points right: point k at k pixels of each level.
+    expected_x = 0.5 + torch.arange(1.0, 4.0)[None] / torch.tensor([[16.0], [8.0]])  # (L, P)
+    torch.testing.assert_close(locs[0, :, :, 0], expected_x)
+    torch.testing.assert_close(locs[0, :, :, 1], torch.full((2, 3), 0.25))
+    box_locs, _ = initial_sampling(
+        reference=torch.tensor([0.5, 0.5, 0.4, 0.2]), spatial_shapes=shapes, num_points=3
+    )
+    assert float((box_locs[..., 0] - 0.5).abs().max()) <= 0.2 + 1e-6  # inside the box
+    with pytest.raises(ValueError, match="reference must be"):
+        initial_sampling(reference=torch.zeros(3), spatial_shapes=shapes)
+
+
+def test_pixels_read_and_coverage_count_bilinear_neighbours():
+    from detr_edu.viz.deformable import coverage_fraction, pixels_read
+
+    shapes = torch.tensor([[4, 4], [2, 2]])
+    centre = torch.tensor([[0.375, 0.375], [0.25, 0.25]]).view(2, 1, 2)  # pixel centres on both levels
+    corner = torch.tensor([[0.5, 0.5], [0.5, 0.5]]).view(2, 1, 2)  # between four pixels on both
+    outside = torch.tensor([[1.5, 0.5], [-0.6, 0.5]]).view(2, 1, 2)
+    assert pixels_read(centre, shapes) == [1, 1]
+    assert pixels_read(corner, shapes) == [4, 4]
+    assert pixels_read(outside, shapes) == [0, 0]
+    # Level 1's pixel (0, 0) covers a quarter of the image; level 0's pixel (1, 1) lies inside it.
+    assert coverage_fraction(centre, shapes) == pytest.approx(0.25)
+    assert coverage_fraction(corner, shapes) == pytest.approx(1.0)
+
+
+def test_plotting_functions_return_figures():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from detr_edu.viz.deformable import (
+        image_pyramid,
+        plot_conventions,
+        plot_cost,
+        plot_coverage,
+        plot_offset_normalisation,
+        sampling_view,
+    )
+
+    pyramid = image_pyramid(torch.rand(3, 32, 48), base_hw=(16, 24), num_levels=3)
+    figures = [
+        (plot_conventions(torch.arange(6.0).view(2, 3)), 2),
+        (sampling_view(pyramid), 3),
+        (sampling_view(pyramid, head=1, level=2, box=True, num_points=2), 2),  # panel + colour bar
+        (plot_offset_normalisation(pyramid, torch.ones(2, 3, 2), reference=torch.tensor([0.5, 0.5])), 6),
+        (plot_coverage({"a": [(4, 0.1, 0.2), (8, 0.2, 0.4)]}), 2),
+        (plot_cost([10, 20], {"x": [1.0, 2.0]}, {"x": [1.0, 4.0]}), 2),
+    ]
+    for fig, n_axes in figures:
+        assert len(fig.axes) == n_axes
+        plt.close(fig)
+    with pytest.raises(ValueError, match="head must be"):
+        sampling_view(pyramid, head=9)
