@@ -263,3 +263,43 @@ def test_bad_inputs():
         HungarianMatcher(alpha=1.5)
     with pytest.raises(ValueError, match="needs 'labels'"):
         check_targets([{}])
+
+
+def test_viz_functions_draw_the_assignment():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from detr_edu.scenes import make_scene
+    from detr_edu.viz.matcher import (
+        plot_class_cost_curves,
+        plot_cost_terms,
+        plot_match_history,
+        plot_matches,
+        plot_matching_view,
+    )
+
+    gen = torch.Generator().manual_seed(10)
+    image, target = make_scene(seed=0, index=1)
+    outputs, _ = random_problem(gen, 1, 8, [0], num_classes=10)
+    matcher = HungarianMatcher()
+    ((query_idx, target_idx),) = matcher(outputs, [target])
+    terms = {k: v[0] for k, v in matcher.cost_terms(outputs, [target]).items()}
+    total = matcher.cost_matrix(outputs, [target])[0]
+    fig = plot_cost_terms(terms, total, query_idx, target_idx)
+    # Four heatmaps (plus their colour bars), each with one red box per matched pair.
+    heatmaps = [ax for ax in fig.axes if ax.get_title()]
+    assert len(heatmaps) == 4 and all(len(ax.patches) == len(query_idx) for ax in heatmaps)
+    fig = plot_matches(image, target, outputs["pred_boxes"][0], query_idx, target_idx)
+    # G target boxes + G matched boxes + (Nq - G) unmatched boxes, and one joining line per pair.
+    assert len(fig.axes[0].patches) == 8 + len(target["labels"]) and len(fig.axes[0].lines) == len(query_idx)
+    fig = plot_matching_view(image, target, outputs["pred_logits"][0], outputs["pred_boxes"][0], matcher)
+    assert len(fig.axes[1].patches) == len(query_idx)
+    assert len(plot_class_cost_curves().axes[0].lines) == 5  # four curves and the zero line
+    history = torch.tensor([[0, -1, 1], [1, -1, 0], [1, -1, 0]])
+    fig = plot_match_history(history, num_targets=2)
+    assert list(fig.axes[1].lines[0].get_ydata()) == [2, 0]
+    with pytest.raises(ValueError, match="history must be"):
+        plot_match_history(history[0], num_targets=2)
+    plt.close("all")

@@ -138,3 +138,19 @@ def test_bad_inputs():
         DigitScenes(-1)
     with pytest.raises(ValueError, match="empty batch"):
         collate_scenes([])
+
+
+def test_plot_scenes_draws_every_box():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from detr_edu.viz.scenes import plot_scenes
+
+    scenes = make_scenes(3, seed=9)
+    fig = plot_scenes(scenes, ncols=2)
+    assert [len(ax.patches) for ax in fig.axes[:3]] == [len(t["labels"]) for _, t in scenes]
+    with pytest.raises(ValueError, match="at least one scene"):
+        plot_scenes([])
+    plt.close("all")
