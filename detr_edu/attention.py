@@ -150,7 +150,9 @@ class SelfAttention(nn.Module):
             raise ValueError(f"x must be (B, N, C), got shape {tuple(x.shape)}")
         B, N, C = x.shape
         if C != self.num_heads * self.head_dim:
-            raise ValueError(f"x has {C} channels but the layer was built for {self.num_heads * self.head_dim}")
+            raise ValueError(
+                f"x has {C} channels but the layer was built for {self.num_heads * self.head_dim}"
+            )
         mask = _combine_masks(attn_mask, key_padding_mask, B, N, N)
         if mask is not None and mask.dim() == 3:
             mask = mask[:, None]  # (B, 1, N, N): broadcast over heads
@@ -259,7 +261,9 @@ def attention_flops(num_queries: int, num_keys: int, embed_dim: int) -> int:
     return 2 * num_queries * num_keys * embed_dim
 
 
-def attention_matrix_bytes(batch: int, num_heads: int, num_queries: int, num_keys: int, itemsize: int = 4) -> int:
+def attention_matrix_bytes(
+    batch: int, num_heads: int, num_queries: int, num_keys: int, itemsize: int = 4
+) -> int:
     """Bytes of the (B, nh, Nq, Nk) weight matrix dense attention materialises."""
     return batch * num_heads * num_queries * num_keys * itemsize
 
