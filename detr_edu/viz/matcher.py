@@ -25,6 +25,7 @@ __all__ = [
 ]
 
 _TARGET_COLOURS = plt.get_cmap("tab10")
+_LABEL_BOX = {"facecolor": "black", "alpha": 0.6, "pad": 0.8, "linewidth": 0}  # readable on any digit colour
 
 
 def _mark_assignment(ax: Axes, query_idx: Tensor, target_idx: Tensor) -> None:
@@ -107,14 +108,14 @@ def draw_matches(
     ):
         colour = _TARGET_COLOURS(j % 10)
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=colour, lw=2))
-        ax.text(x0, y0 - 1, f"t{j}:{label}", color=colour, fontsize=8, va="bottom")
+        ax.text(x0, max(y0 - 1, 6), f"t{j}: {label}", color=colour, fontsize=8, va="bottom", bbox=_LABEL_BOX)
     for q, j in matched.items():
         colour = _TARGET_COLOURS(j % 10)
         x0, y0, x1, y1 = pred_xyxy[q].tolist()
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=colour, lw=1.2, ls="--"))
         tx, ty = ((tgt_xyxy[j, :2] + tgt_xyxy[j, 2:]) / 2).tolist()
         ax.plot([(x0 + x1) / 2, tx], [(y0 + y1) / 2, ty], color=colour, lw=1.2)
-        ax.text(x1, y1, f"q{q}", color=colour, fontsize=7)
+        ax.text(x1, min(y1, H - 4), f"q{q}", color=colour, fontsize=7, bbox=_LABEL_BOX)
     ax.set_xlim(-0.5, W - 0.5)
     ax.set_ylim(H - 0.5, -0.5)
 
@@ -218,6 +219,7 @@ def plot_match_history(history: Tensor, *, num_targets: int, title: str = "") ->
         aspect="auto",
         interpolation="nearest",
     )
+    ax_raster.set_yticks(range(0, num_queries, max(1, num_queries // 10)))
     ax_raster.set_xlabel("training step")
     ax_raster.set_ylabel("query")
     ax_raster.set_title("matched target per query (colour = target, light grey = no object)", fontsize=9)
