@@ -23,7 +23,7 @@ def plot_masks(attn_mask: Tensor, key_padding_mask: Tensor) -> Figure:
     B, Nk = key_padding_mask.shape
     Nq = attn_mask.shape[0]
     expanded = expand_key_padding_mask(key_padding_mask, Nq)  # (B, Nq, Nk)
-    fig, axes = plt.subplots(1, 2 + B, figsize=(3.0 * (2 + B), 3.2))
+    fig, axes = plt.subplots(1, 2 + B, figsize=(3.0 * (2 + B), 2.4), layout="constrained")
     panels = [
         (attn_mask, f"attn_mask (Nq={Nq}, Nk={Nk})", "key", "query"),
         (key_padding_mask, f"key_padding_mask (B={B}, Nk={Nk})", "key", "image"),
@@ -40,7 +40,6 @@ def plot_masks(attn_mask: Tensor, key_padding_mask: Tensor) -> Figure:
         ax.grid(which="minor", color="tab:blue", linewidth=0.5)
         ax.tick_params(labelsize=7, which="both", length=0)
     fig.suptitle("Boolean masks: dark = True = blocked", fontsize=10)
-    fig.tight_layout()
     return fig
 
 
