@@ -36,7 +36,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 from detr_edu import box_ops
 
-__all__ = ["SetCriterion", "num_boxes_for_loss", "weighted_total", "LOSS_NAMES"]
+__all__ = ["SetCriterion", "num_boxes_for_loss", "weighted_total", "weight_of", "LOSS_NAMES"]
 
 # The three terms computed for every set of predictions; suffixes name the set.
 LOSS_NAMES = ("loss_class", "loss_bbox", "loss_giou")
@@ -71,7 +71,7 @@ def num_boxes_for_loss(targets: Sequence[Mapping[str, Tensor]], device: torch.de
     return max(count.item(), 1.0)
 
 
-def _weight_for(key: str, weight_dict: Mapping[str, float]) -> float | None:
+def weight_of(key: str, weight_dict: Mapping[str, float]) -> float | None:
     """The weight of ``key``: its own entry, else the longest ``_``-prefix that has one.
 
     ``loss_giou_dn_3`` looks up ``loss_giou_dn_3``, ``loss_giou_dn``, then ``loss_giou``; so one
@@ -101,10 +101,10 @@ def weighted_total(losses: Mapping[str, Tensor], weight_dict: Mapping[str, float
     """
     if not losses:
         raise ValueError("weighted_total got no losses")
-    missing = [k for k in losses if _weight_for(k, weight_dict) is None]
+    missing = [k for k in losses if weight_of(k, weight_dict) is None]
     if missing:
         raise ValueError(f"no weight for losses {missing}; weight_dict has keys {sorted(weight_dict)}")
-    return sum(_weight_for(k, weight_dict) * v for k, v in losses.items())
+    return sum(weight_of(k, weight_dict) * v for k, v in losses.items())
 
 
 class SetCriterion(nn.Module):
@@ -123,6 +123,9 @@ class SetCriterion(nn.Module):
         alpha: focal loss weight of positives (0.25), ``gamma``: focusing exponent (2.0).
         binary_enc_cls: classify encoder proposals as foreground/background only: every target
             label becomes 0 for the ``_enc`` terms (the caller's targets are left unchanged).
+        dn_padding_in_loss: DINO's padded denoising queries take part in ``loss_class_dn*`` as
+            "no object" (True, the reference code) or are left out of every loss (False); chapter 07
+            (Q5) measures the difference.
     """
 
     def __init__(
@@ -136,6 +139,7 @@ class SetCriterion(nn.Module):
         alpha: float = 0.25,
         gamma: float = 2.0,
         binary_enc_cls: bool = False,
+        dn_padding_in_loss: bool = True,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -146,7 +150,7 @@ class SetCriterion(nn.Module):
             raise ValueError(f"eos_coef must be in [0, 1], got {eos_coef}")
         if not 0.0 <= alpha <= 1.0 or gamma < 0.0:
             raise ValueError(f"need 0 <= alpha <= 1 and gamma >= 0, got alpha={alpha}, gamma={gamma}")
-        unweighted = [name for name in LOSS_NAMES if _weight_for(name, weight_dict) is None]
+        unweighted = [name for name in LOSS_NAMES if weight_of(name, weight_dict) is None]
         if unweighted:
             raise ValueError(f"weight_dict has no weight for {unweighted}; got keys {sorted(weight_dict)}")
         bad = {k: v for k, v in weight_dict.items() if not (math.isfinite(v) and v >= 0)}
@@ -160,6 +164,7 @@ class SetCriterion(nn.Module):
         self.alpha = alpha
         self.gamma = gamma
         self.binary_enc_cls = binary_enc_cls
+        self.dn_padding_in_loss = dn_padding_in_loss
 
     def extra_repr(self) -> str:
         return (
@@ -252,7 +257,9 @@ class SetCriterion(nn.Module):
             target_classes[b, q.to(logits.device)] = t["labels"].to(logits.device)[g]
         return target_classes
 
-    def loss_class(self, logits: Tensor, targets, indices: Indices, num_boxes: float) -> Tensor:
+    def loss_class(
+        self, logits: Tensor, targets, indices: Indices, num_boxes: float, query_mask: Tensor | None = None
+    ) -> Tensor:
         """Classification over every query.
 
         ``"ce"`` (DETR): softmax cross-entropy over K + 1 classes, "no object" weighted by
@@ -264,14 +271,20 @@ class SetCriterion(nn.Module):
         class) on one-hot targets with the "no object" column dropped (an unmatched query is the
         all-zero row: every class is a negative). The reference code averages over queries, sums
         the rest, divides by ``num_boxes`` and multiplies by Nq; mean-over-queries times Nq is just
-        the sum, so the loss is ``sum over all B * Nq * K terms / num_boxes``, normalised like the
-        box losses (per ground-truth box) and independent of the number of queries' averaging.
+        the sum, so the loss is ``sum over all B * Nq * K terms / num_boxes``: normalised per
+        ground-truth box like the box losses, not a mean (more queries add more background terms).
 
         Args:
             logits: (B, Nq, K) for focal, (B, Nq, K + 1) for ce.
+            query_mask: (B, Nq) bool, False = leave this query out of the loss (padded denoising
+                queries, chapter 07), or None (every query counts).
         """
         logits = _at_least_float32(logits)  # losses in float32 even under autocast
         target_classes = self._target_classes(logits, targets, indices)  # (B, Nq)
+        if query_mask is not None and self.class_loss == "ce":
+            target_classes = target_classes.masked_fill(
+                ~query_mask.to(logits.device), -100
+            )  # CE's ignore_index
         if self.class_loss == "ce":
             weight = logits.new_ones(logits.shape[-1])  # (K + 1,)
             weight[-1] = self.eos_coef
@@ -279,6 +292,8 @@ class SetCriterion(nn.Module):
         B, Nq, K = logits.shape
         one_hot = F.one_hot(target_classes, K + 1)[..., :K].to(logits.dtype)  # (B, Nq, K), no-object dropped
         loss = sigmoid_focal_loss(logits, one_hot, alpha=self.alpha, gamma=self.gamma)  # (B, Nq, K)
+        if query_mask is not None:
+            loss = loss * query_mask.to(loss)[..., None]  # (B, Nq, K), masked queries add nothing
         return loss.mean(1).sum() / num_boxes * Nq  # = loss.sum() / num_boxes
 
     def loss_boxes(
@@ -319,6 +334,7 @@ class SetCriterion(nn.Module):
         indices: Indices,
         num_boxes: float,
         suffix: str = "",
+        query_mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """The three terms for one set of predictions, given which query matches which target.
 
@@ -331,11 +347,12 @@ class SetCriterion(nn.Module):
             indices: per image ``(query_idx, target_idx)``, two int64 (M_b,) tensors.
             num_boxes: the normaliser (see :func:`num_boxes_for_loss`).
             suffix: appended to every key (``""``, ``"_0"``, ``"_enc"``, ...).
+            query_mask: (B, Nq) bool, False = leave the query out of ``loss_class``; or None.
 
         Returns:
             ``{"loss_class" + suffix, "loss_bbox" + suffix, "loss_giou" + suffix}`` scalars.
         """
-        loss_class = self.loss_class(layer_outputs["pred_logits"], targets, indices, num_boxes)
+        loss_class = self.loss_class(layer_outputs["pred_logits"], targets, indices, num_boxes, query_mask)
         loss_bbox, loss_giou = self.loss_boxes(layer_outputs["pred_boxes"], targets, indices, num_boxes)
         return {
             f"loss_class{suffix}": loss_class,
@@ -357,6 +374,46 @@ class SetCriterion(nn.Module):
         self._check_indices(indices, layer_outputs, targets, where)
         return self.layer_losses(layer_outputs, targets, indices, num_boxes, suffix)
 
+    def denoising_losses(
+        self,
+        dn_outputs: Mapping[str, object],
+        targets: Sequence[Mapping[str, Tensor]],
+        dn_meta: Mapping[str, object],
+        num_boxes: float,
+    ) -> dict[str, Tensor]:
+        """DINO's contrastive denoising losses (chapter 07; DN-DETR, DINO sec. 3.3; note §4.5).
+
+        No matcher: every positive denoising query knows its target (``dn_meta["indices"]``, the same
+        for every decoder layer). The positives are trained towards their box and label; the
+        negatives (and, with ``dn_padding_in_loss``, the padded queries) towards "no object". The
+        normaliser is ``num_boxes * groups``: each target is reconstructed once per group.
+
+        Args:
+            dn_outputs: ``pred_logits`` (B, Nd, K), ``pred_boxes`` (B, Nd, 4) and ``aux_outputs``.
+            targets: the batch's targets.
+            dn_meta: :class:`detr_edu.denoising.ContrastiveDenoising`'s meta (``indices``,
+                ``groups``, ``valid``).
+            num_boxes: the matching losses' normaliser.
+
+        Returns:
+            ``loss_class_dn``, ``loss_bbox_dn``, ``loss_giou_dn`` and the same with ``_dn_0``,
+            ``_dn_1``, ... for the earlier decoder layers.
+        """
+        missing = [k for k in ("indices", "groups", "valid") if k not in dn_meta]
+        if missing:
+            raise ValueError(f"dn_meta is missing {missing}; it has keys {sorted(dn_meta)}")
+        indices, groups = dn_meta["indices"], int(dn_meta["groups"])
+        query_mask = None if self.dn_padding_in_loss else dn_meta["valid"]  # (B, Nd) or None
+        layers = [(dn_outputs, "_dn")]
+        layers += [(aux, f"_dn_{i}") for i, aux in enumerate(dn_outputs.get("aux_outputs", []))]
+        losses: dict[str, Tensor] = {}
+        for layer, suffix in layers:
+            where = f"outputs['dn_outputs']{suffix}"
+            self._check_layer(layer, len(targets), where, binary=False)
+            self._check_indices(indices, layer, targets, where)
+            losses.update(self.layer_losses(layer, targets, indices, num_boxes * groups, suffix, query_mask))
+        return losses
+
     # ----------------------------------------------------------------------------------------------
     # Every set of predictions of a forward pass
     # ----------------------------------------------------------------------------------------------
@@ -373,7 +430,8 @@ class SetCriterion(nn.Module):
 
         Returns:
             ``loss_class``, ``loss_bbox``, ``loss_giou``, the same with ``_0``, ``_1``, ... for every
-            entry of ``aux_outputs`` and with ``_enc`` for ``enc_outputs``.
+            entry of ``aux_outputs``, with ``_enc`` for ``enc_outputs`` and with ``_dn``, ``_dn_0``,
+            ... for ``dn_outputs`` (see :meth:`denoising_losses`).
         """
         if len(targets) == 0:
             raise ValueError("targets is empty: need one dict per image (an image may have no boxes)")
@@ -400,8 +458,10 @@ class SetCriterion(nn.Module):
                 # (the denoising losses and the next iteration still need the real labels).
                 enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
             losses.update(self.matched_losses(outputs["enc_outputs"], enc_targets, num_boxes, suffix="_enc"))
-        # Chapter 07 (contrastive denoising) adds its `_dn`, `_dn_0`, ... terms here: fixed indices
-        # from the denoising metadata, layer_losses(..., num_boxes * groups, suffix="_dn...").
+        if "dn_outputs" in outputs:  # DINO contrastive denoising (chapter 07): fixed indices, no matcher
+            losses.update(
+                self.denoising_losses(outputs["dn_outputs"], targets, outputs["dn_meta"], num_boxes)
+            )
 
         not_finite = sorted(k for k, v in losses.items() if not torch.isfinite(v))
         if not_finite:

@@ -395,3 +395,48 @@ def test_half_precision_inputs_give_float32_losses():
     full = criterion(matcher)(outputs, targets)
     for key in LOSS_NAMES:
         torch.testing.assert_close(losses[key], full[key], atol=0.02, rtol=0.02)
+
+
+# ------------------------------------------------------------------------------------------------
+# Chapter 06 plots (detr_edu.viz.losses): they draw what they are given
+# ------------------------------------------------------------------------------------------------
+def test_viz_loss_terms_and_curves():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from detr_edu.viz.losses import draw_matches, plot_background_share, plot_curves, plot_loss_terms
+
+    outputs, targets = make_batch([2, 1], num_aux=2, enc=True)
+    losses = criterion()(outputs, targets)
+    fig = plot_loss_terms(losses, weight_dict=WEIGHTS)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["enc", "layer 0", "layer 1", "last"]
+    heights = sorted(round(p.get_height(), 5) for p in ax.patches)
+    expected = sorted(
+        round(float(v) * WEIGHTS[k.split("_")[0] + "_" + k.split("_")[1]], 5) for k, v in losses.items()
+    )
+    assert heights == expected
+    with pytest.raises(ValueError, match="unknown loss key"):
+        plot_loss_terms({"loss_mask": 1.0})
+
+    x = torch.linspace(0, 1, 5)
+    fig = plot_curves(x, {"a": x, "b": 2 * x}, xlabel="x", ylabel="y", title="t", shade=x > 0.5)
+    assert len(fig.axes[0].lines) == 2
+    with pytest.raises(ValueError, match="curve 'a' has shape"):
+        plot_curves(x, {"a": x[:3]}, xlabel="x", ylabel="y", title="t")
+    fig = plot_background_share({"ce": 0.9, "focal": 0.6}, title="t")
+    assert [round(p.get_width(), 3) for p in fig.axes[0].patches] == [0.9, 0.6, 0.1, 0.4]
+    with pytest.raises(ValueError, match="shares must lie in"):
+        plot_background_share({"x": 1.5}, title="t")
+
+    image = torch.rand(3, 32, 32)
+    indices = L1Matcher()(outputs, targets)
+    fig = draw_matches(image, targets[0], outputs["pred_boxes"][0], indices[0])
+    ax = fig.axes[0]
+    assert len(ax.patches) == 2 + 2  # two ground-truth boxes and their two matched predictions
+    assert len(ax.lines) == 2  # one line per matched pair
+    with pytest.raises(ValueError, match="image must be"):
+        draw_matches(image[0], targets[0], outputs["pred_boxes"][0])
+    plt.close("all")
