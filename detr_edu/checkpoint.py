@@ -1,0 +1,119 @@
+"""Training checkpoints: written atomically, loaded safely, complete enough to resume exactly.
+
+A checkpoint is one ``torch.save`` of a plain dict: ``model``, ``optimizer``, ``scheduler``,
+``scaler`` state dicts, the ``epoch`` and ``step`` counters, the ``rng`` states (Python, NumPy,
+torch CPU and CUDA), the ``config`` (model and training settings as plain dicts), the
+``category_ids`` (label k <-> dataset category id) and anything the caller adds under ``extra``.
+
+* **Atomic**: written to ``NAME.tmp`` in the same folder, flushed to disk, then ``os.replace``-d onto
+  ``NAME``. A crash (or a non-finite loss, or Ctrl-C) during the write leaves the previous checkpoint
+  intact; a reader never sees half a file. ``os.replace`` is atomic on POSIX and Windows when both
+  names are on the same file system, hence the same folder.
+* **Safe to load**: :func:`load_checkpoint` uses ``torch.load(..., weights_only=True)``, which only
+  rebuilds tensors and plain containers -- a checkpoint from the internet cannot run code. So
+  everything saved here is made of tensors, numbers, strings, lists, tuples and dicts (the NumPy
+  RNG state's array is stored as a tensor for this reason).
+* **Exact resume**: with the RNG states restored, a resumed run draws the same random numbers as
+  an uninterrupted one (see ``tests/test_train_cli.py``).
+
+Follows the torchvision detection reference (``references/detection/train.py``: model, optimizer,
+lr_scheduler, scaler, epoch) plus the RNG states it omits.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "CHECKPOINT_KEYS"]
+
+CHECKPOINT_KEYS = (
+    "model",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "epoch",
+    "step",
+    "rng",
+    "config",
+    "category_ids",
+)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global random state a training step may draw from, in weights-only-loadable form."""
+    np_state = np.random.get_state()  # ('MT19937', keys uint32 (624,), pos, has_gauss, cached)
+    state: dict[str, Any] = {
+        "python": random.getstate(),  # (version, tuple of 625 ints, gauss)
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),  # (624,)
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),  # uint8 tensor
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()  # one uint8 tensor per device
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned (CUDA states only if this process uses CUDA)."""
+    python = state["python"]
+    # weights_only loading returns the inner tuple as a list; random.setstate needs tuples.
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    np_state = state["numpy"]
+    keys = np_state["keys"].numpy().astype(np.uint32)
+    np.random.set_state(
+        ("MT19937", keys, np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> Path:
+    """Write ``checkpoint`` to ``path`` atomically (temp file + fsync + rename); return the path.
+
+    Args:
+        path: destination, e.g. ``OUTPUT/checkpoint.pth``; its folder is created if needed.
+        checkpoint: a dict with at least :data:`CHECKPOINT_KEYS` (``scheduler``/``scaler`` may be
+            None); values must be weights-only-loadable (tensors and plain containers).
+    """
+    missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint]
+    if missing:
+        raise ValueError(f"checkpoint lacks {missing}; it has {sorted(checkpoint)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a checkpoint of this format (names the missing keys).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path}: expected a dict checkpoint, got {type(checkpoint).__name__}")
+    missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint]
+    if missing:
+        raise ValueError(f"{path}: not a detr_edu training checkpoint, missing {missing}")
+    return checkpoint
