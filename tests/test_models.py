@@ -368,3 +368,38 @@ def test_config_round_trip_and_errors() -> None:
         config_from_dict({"model": "YOLO"})
     with pytest.raises(ValueError, match="cfg must be"):
         build_model(BackboneConfig())  # type: ignore[arg-type]
+
+
+def test_forward_figures() -> None:
+    """The chapter's plotting functions: one axes per panel, clear errors on mismatched inputs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from detr_edu.viz import forward as viz
+
+    image = torch.rand(3, 32, 40)
+    feats = [torch.randn(2, 8, 4, 5), torch.randn(2, 8, 2, 3)]
+    masks = [torch.zeros(2, 4, 5, dtype=torch.bool), torch.zeros(2, 2, 3, dtype=torch.bool)]
+    fig = viz.plot_feature_levels(feats, masks, torch.rand(2, 3, 32, 40), strides=[8, 16])
+    assert len(fig.axes) == 2 * 3
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.6, 0.1, 0.3]])
+    assert len(viz.plot_proposals(image, (32, 30), boxes, torch.tensor([0, 1])).axes) == 1
+    assert len(viz.plot_reference_path(image, (32, 40), torch.rand(4, 5, 4) * 0.5 + 0.2, [0, 3]).axes) == 1
+    loc, wt = torch.rand(2, 2, 3, 2), torch.rand(2, 2, 3)
+    assert (
+        len(viz.plot_query_sampling(image, (32, 40), boxes[0], loc, wt, [(4, 5), (2, 3)], [8, 16]).axes) == 2
+    )
+    with pytest.raises(ValueError, match="same L levels"):
+        viz.plot_query_sampling(image, (32, 40), boxes[0], loc, wt, [(4, 5)], [8])
+    assert (
+        len(viz.plot_mixed_query_selection(image, (32, 40), boxes, torch.randn(2, 8), torch.randn(2, 8)).axes)
+        == 3
+    )
+    table = {"a": {"x": True, "y": False}, "b": {"x": True, "y": True}}
+    assert len(viz.plot_gradient_flow(table).axes) == 1
+    assert len(viz.plot_model_costs(["m1", "m2"], [1.0, 2.0], [0.5, 0.7]).axes) == 2
+    with pytest.raises(ValueError, match="image must be"):
+        viz.plot_proposals(torch.rand(32, 40), (32, 40), boxes, torch.tensor([0, 1]))
+    plt.close("all")
