@@ -13,7 +13,8 @@ What it adds, each a few lines of :meth:`DINO.forward_features`:
   from its current reference box (:class:`~detr_edu.position.QueryPositionFromBox`).
 * **Look forward twice** (sec. 3.5): layer i's box loss also trains layer i - 1 through the
   undetached previous box (:class:`~detr_edu.deformable_transformer.DeformableDecoder`).
-* **Contrastive denoising** (sec. 3.3) plugs in through :class:`DenoisingQueries` (chapter 07).
+* **Contrastive denoising** (sec. 3.3) plugs in through :class:`DenoisingQueries`, built by
+  :class:`detr_edu.denoising.ContrastiveDenoising` (chapter 07).
 
 The denoising hook. ``forward(images, masks, targets=targets)`` asks ``self.denoiser`` (a module
 given at construction, chapter 07's generator, only in training mode) for a :class:`DenoisingQueries`;
@@ -171,7 +172,13 @@ class DINO(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: DINOConfig, *, denoiser: nn.Module | None = None) -> DINO:
-        """Build from a :class:`detr_edu.config.DINOConfig` (the denoiser comes from chapter 07)."""
+        """Build from a :class:`detr_edu.config.DINOConfig`.
+
+        Contrastive denoising is on only when a denoiser is given, e.g.
+        ``DINO.from_config(cfg, denoiser=ContrastiveDenoising.from_config(cfg))`` with
+        :class:`detr_edu.denoising.ContrastiveDenoising` (chapter 07), which reads ``cfg.dn_number``,
+        ``cfg.label_noise_ratio`` and ``cfg.box_noise_scale``.
+        """
         return cls(
             backbone=Backbone.from_config(cfg.backbone, embed_dim=cfg.embed_dim),
             num_classes=cfg.num_classes,
