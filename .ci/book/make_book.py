@@ -78,12 +78,19 @@ def widget_figures(cells: list[nbformat.NotebookNode], index: int, available: li
     return []
 
 
-def widget_markdown(names: list[str], missing: list[str]) -> str:
+def widget_markdown(names: list[str]) -> str:
+    """A note and the static figures, in a ``widget-static`` container (tests/test_book.py finds it)."""
     lines = [
         "````{container} widget-static",
         "```{note}",
-        "The widget above needs a running kernel (open the chapter in JupyterLab). "
-        + ("Its static view:" if len(names) == 1 else f"{len(names)} of its static views:"),
+        "The widget above needs a running kernel: open the chapter in JupyterLab to use it. "
+        + (
+            "Its static view:"
+            if len(names) == 1
+            else "Its static views:"
+            if names
+            else "(No static view found.)"
+        ),
         "```",
     ]
     for name in names:
@@ -94,7 +101,6 @@ def widget_markdown(names: list[str], missing: list[str]) -> str:
             f"`figures/{name}`",
             "```",
         ]
-    lines += [f"*(missing: `figures/{name}`)*" for name in missing]
     lines.append("````")
     return "\n".join(lines)
 
@@ -123,7 +129,7 @@ def prepare_chapter(source: Path, target: Path, available: list[str]) -> dict:
             ]
             names = widget_figures(nb.cells, index, available)
             widgets.append(names)
-            cells.append(nbformat.v4.new_markdown_cell(widget_markdown(names, [] if names else ["?"])))
+            cells.append(nbformat.v4.new_markdown_cell(widget_markdown(names)))
     nb.cells = cells
     nbformat.write(nb, target)
     return {"widgets": widgets}
