@@ -199,6 +199,7 @@ def test_frozen_batchnorm_with_zero_init_kills_every_residual_branch() -> None:
     assert min(gammas) > 0.0
 
 
+@pytest.mark.slow
 def test_frozen_batchnorm_without_zero_init_does_not_normalise() -> None:
     """Frozen random statistics (mean 0, var 1) are the identity: in a ResNet-50 activations grow."""
     x = torch.randn(2, 3, 64, 64, generator=_gen())
