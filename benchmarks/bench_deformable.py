@@ -1,6 +1,7 @@
 """Forward + backward cost of deformable sampling vs a naive loop and dense attention, on CPU.
 
-Run: ``.venv/bin/python benchmarks/bench_deformable.py`` (a few minutes on 2 cores). Prints a
+Run: ``.venv/bin/python benchmarks/bench_deformable.py`` (9 minutes measured on 2 cores shared with
+other jobs at a load average of about 14; less on an idle machine). Prints a
 markdown table and writes it to ``benchmarks/results/deformable.md``.
 
 Times are medians of a few forward+backward calls, the methods' calls interleaved in one process
