@@ -106,13 +106,13 @@ def widget_markdown(names: list[str]) -> str:
 
 
 def link_figure_mentions(text: str, available: list[str]) -> str:
-    """`figures/X.png` in the text -> a link to the file (left alone inside image syntax)."""
+    """`figures/X.png` (in backticks) in the text -> a link to the file."""
 
     def link(match: re.Match) -> str:
         name = match.group(1)
         return f"[`figures/{name}`](../figures/{name})" if name in available else match.group(0)
 
-    return re.sub(r"(?<!\()`figures/(\d\d_[A-Za-z0-9_\-]+\.png)`", link, text)
+    return re.sub(r"`figures/(\d\d_[A-Za-z0-9_\-]+\.png)`", link, text)
 
 
 def prepare_chapter(source: Path, target: Path, available: list[str]) -> dict:
