@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 from torch import nn
 
 __all__ = [
@@ -119,7 +120,8 @@ class DINOConfig:
     """DINO (Zhang et al. 2022): two-stage, box refinement, mixed query selection, look forward twice.
 
     ``dn_number``, ``label_noise_ratio`` and ``box_noise_scale`` configure contrastive denoising
-    (chapter 07); the forward pass of chapter 04 only stores them.
+    (chapter 07): :func:`build_model` attaches a :class:`detr_edu.denoising.ContrastiveDenoising`
+    built from them; ``dn_number=0`` builds DINO without denoising.
     """
 
     num_classes: int = 91
@@ -207,9 +209,14 @@ def config_from_dict(data: dict) -> ModelConfig:
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """Instantiate the model a config describes (DETR, DeformableDETR or DINO)."""
+    """Instantiate the model a config describes (DETR, DeformableDETR or DINO).
+
+    DINO gets its contrastive-denoising generator (chapter 07) when ``cfg.dn_number > 0``; it is
+    used in training mode when the forward pass is given the targets.
+    """
     # imported here so that ``config`` stays importable without the models (and without cycles)
     from detr_edu.deformable_detr import DeformableDETR
+    from detr_edu.denoising import ContrastiveDenoising
     from detr_edu.detr import DETR
     from detr_edu.dino import DINO
 
@@ -218,7 +225,15 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     if isinstance(cfg, DeformableDETRConfig):
         return DeformableDETR.from_config(cfg)
     if isinstance(cfg, DINOConfig):
-        return DINO.from_config(cfg)
+        if cfg.dn_number < 0:
+            raise ValueError(f"dn_number must be >= 0 (0 = no denoising), got {cfg.dn_number}")
+        model = DINO.from_config(cfg)
+        if cfg.dn_number > 0:
+            # built after the model and with the global RNG restored afterwards, so that the model's
+            # weights and every later random draw are the same with or without denoising
+            with torch.random.fork_rng(devices=[]):
+                model.denoiser = ContrastiveDenoising.from_config(cfg)
+        return model
     raise ValueError(
         f"cfg must be a DETRConfig, DeformableDETRConfig or DINOConfig, got {type(cfg).__name__}"
     )

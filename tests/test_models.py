@@ -125,7 +125,13 @@ def test_every_parameter_gets_a_gradient(name: str) -> None:
         for p in model.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     criterion = _criterion(model)
-    losses = criterion(model(_images()), _targets())
+    if isinstance(model, DINO):  # DINO's denoising queries (chapter 07) are built from the targets
+        outputs = model(_images(), targets=_targets())
+        assert "dn_outputs" in outputs and model.denoiser is not None
+        assert any(k.endswith("_dn") for k in criterion(outputs, _targets()))
+    else:
+        outputs = model(_images())
+    losses = criterion(outputs, _targets())
     criterion.total(losses).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     zero = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().max() == 0]
@@ -285,6 +291,23 @@ def test_two_stage_needs_enough_pixels() -> None:
     model = _build("dino").eval()
     with pytest.raises(ValueError, match="needs num_queries=8 valid encoder positions"):
         model(torch.zeros(1, 3, 16, 16))
+
+
+def test_dino_without_denoising() -> None:
+    """dn_number=0: no denoiser; otherwise the denoiser changes neither the weights nor the RNG stream."""
+    torch.manual_seed(0)
+    with_dn = build_model(copy.deepcopy(VARIANTS["dino"]))
+    after_with = torch.rand(3)
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(VARIANTS["dino"], dn_number=0)).train()
+    after_without = torch.rand(3)
+    assert model.denoiser is None and with_dn.denoiser is not None
+    torch.testing.assert_close(after_with, after_without)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(with_dn.state_dict()[name], value)
+    assert "dn_outputs" not in model(_images(), targets=_targets())
+    with pytest.raises(ValueError, match="dn_number must be >= 0"):
+        build_model(dataclasses.replace(VARIANTS["dino"], dn_number=-1))
 
 
 def test_detr_refuses_multi_level_backbone() -> None:
