@@ -122,7 +122,7 @@ def main() -> None:
     ]
     for r in rows:
         lines.append(
-            f"| {r['preset']} | {r['AP']:.1f} | {r['AP50']:.1f} | {r['AR100']:.1f} | {r['steps']} | "
+            f"| {r['preset']} | {r['AP']:.2f} | {r['AP50']:.2f} | {r['AR100']:.2f} | {r['steps']} | "
             f"{r['s/step']:.2f} | {r['wall_min']:.1f} | {r['load']} |"
         )
     table = "\n".join(lines)
