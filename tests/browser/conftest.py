@@ -8,7 +8,8 @@ the network, so Playwright drives the system Chromium through ``executable_path`
 The server runs on 127.0.0.1 with a random token, with every Jupyter directory (config, data,
 runtime, lab settings, workspaces) in a temporary folder, on *copies* of the chapters: Run All in the
 browser must never rewrite the committed notebooks or the committed ``figures/`` (the chapters save
-figures under ``$DETR_EDU_ROOT/figures``, which points into the temporary copy).
+figures under ``$DETR_EDU_ROOT/figures``, which points into the temporary copy). The other top-level
+entries (``benchmarks/`` whose results some chapters read, ...) are symlinked into the copy.
 """
 
 from __future__ import annotations
@@ -116,6 +117,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     for notebook in chapters():
         shutil.copy2(notebook, root / "notebooks" / notebook.name)
     shutil.copytree(ROOT / "figures", root / "figures")  # markdown images like ../figures/x.png
+    # The rest of the course (benchmarks/results the chapters quote, ...) is linked, read-only use.
+    for entry in ROOT.iterdir():
+        if entry.name not in {"notebooks", "figures", "build", "test-output"} and not entry.name.startswith(
+            "."
+        ):
+            (root / entry.name).symlink_to(entry)
     settings = base / "lab-settings"
     for name, value in LAB_SETTINGS.items():
         (settings / name).parent.mkdir(parents=True, exist_ok=True)
