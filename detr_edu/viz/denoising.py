@@ -185,7 +185,7 @@ def draw_denoising_mask(
     if legend:
         handles = [Patch(color=c, label=n) for c, n in zip(_CATEGORY_COLOURS, _CATEGORY_NAMES, strict=True)]
         handles += [
-            Patch(color=_SLOT_COLOURS[k], label=f"slot: {k}")
+            Patch(color=_SLOT_COLOURS[k], label=f"image {image} slot: {k}")
             for k in ("positive", "negative", "padded", "matching")
         ]
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
@@ -285,7 +285,8 @@ def plot_noised_queries(
         Patch(fill=False, ec=_SLOT_COLOURS["negative"], ls="--", label="negative (noise 1x-2x)"),
     ]
     fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.suptitle(f"{noised.groups} groups; label* = label changed by label noise", fontsize=9)
+    shown = f"all {noised.groups} groups" if groups is None else f"group(s) {list(groups)} of {noised.groups}"
+    fig.suptitle(f"Denoising queries, {shown}; label* = label changed by label noise", fontsize=9)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig
 
