@@ -4,7 +4,7 @@ Two families:
 
 * ``*_cpu`` -- the small models the course trains on 128x128 digit scenes (10 classes) on two CPU
   cores: a ResNet-10 (one BasicBlock per stage), C = 128, 2 encoder + 3 decoder layers;
-* ``*_r50_coco`` -- the published ResNet-50 COCO configurations, for GPUs:
+* ``*_r50_coco`` -- the published ResNet-50 COCO configurations, for GPUs::
 
   ============================  =====  =======  ========  ===========  ======  =====  ================
   preset                        C      enc/dec  queries   FFN          drop    levels  source

@@ -296,7 +296,7 @@ class MultiScaleDeformableAttention(nn.Module):
         """The paper's initialisation (Deformable DETR, Appendix A.2 / its ``_reset_parameters``).
 
         * offsets: zero weight; the bias puts head ``h``'s points on the direction at angle
-          ``2 pi h / nh`` pushed onto the square's border (max(|x|, |y|) = 1), point ``p`` at distance
+          ``2 pi h / nh`` pushed onto the square's border (``max(|x|, |y|) = 1``), point ``p`` at distance
           ``p + 1`` -- a ring of rays that grows with the point index, the same on every level;
         * attention weights: zero weight and bias, so the softmax starts uniform over the L * P samples;
         * value and output projections: Xavier-uniform weight, zero bias.

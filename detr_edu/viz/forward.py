@@ -50,7 +50,7 @@ def _draw_box(ax: Axes, box_cxcywh: Sequence[float], size: tuple[int, int], **st
 def plot_feature_levels(
     features: Sequence[Tensor], masks: Sequence[Tensor], images: Tensor, *, strides: Sequence[int]
 ) -> Figure:
-    """Mean |activation| of every level for every image of a padded batch, padding hatched.
+    """Mean ``|activation|`` of every level for every image of a padded batch, padding hatched.
 
     Args:
         features: L maps (B, C, H_l, W_l).
