@@ -110,6 +110,7 @@ class DeformableDETRConfig:
     dropout: float = 0.1
     num_queries: int = 300
     num_points: int = 4
+    weights_from: Literal["query", "content"] = "query"
     box_refine: bool = False
     two_stage: bool = False
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -133,6 +134,7 @@ class DINOConfig:
     dropout: float = 0.0
     num_queries: int = 900
     num_points: int = 4
+    weights_from: Literal["query", "content"] = "query"
     look_forward_twice: bool = True
     mixed_query_selection: bool = True
     dn_number: int = 100

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 __all__ = [
     "deformable_sampling",
     "deformable_sampling_naive",
+    "deformable_samples",
     "flatten_levels",
     "level_start_index_from_shapes",
     "offsets_to_locations",
@@ -134,6 +135,41 @@ def deformable_sampling(
         out = out + (sampled * weights[:, None, :, lvl]).sum(-1)  # (B*nh, hd, Nq)
     out = out.view(B, nh * hd, Nq)  # (B, nh*hd, Nq)
     return out.transpose(1, 2).contiguous()  # (B, Nq, nh*hd)
+
+
+def deformable_samples(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor) -> Tensor:
+    """Every bilinear sample on its own, not yet summed: what :func:`deformable_sampling` weighs.
+
+    ``deformable_sampling(value, shapes, loc, w)`` equals ``(deformable_samples(value, shapes, loc) *
+    w[..., None]).sum((3, 4))`` with the heads concatenated; this form is needed when the weights
+    depend on the samples themselves (``MultiScaleDeformableAttention(weights_from="content")``).
+    It keeps all ``L * P`` samples alive at once, so it costs ``L * P`` times the memory of the sum.
+
+    Args:
+        value: (B, Nv, nh, hd), as :func:`deformable_sampling`.
+        spatial_shapes: (L, 2) integer (H, W) of each level.
+        sampling_locations: (B, Nq, nh, L, P, 2) normalised (x, y).
+
+    Returns:
+        (B, Nq, nh, L, P, hd).
+    """
+    B, Nq, nh, L, P, _ = sampling_locations.shape
+    _check_sampling_inputs(value, spatial_shapes, sampling_locations, value.new_zeros(B, Nq, nh, L, P))
+    hd = value.shape[-1]
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    value = value.permute(0, 2, 3, 1).reshape(B * nh, hd, -1)  # (B*nh, hd, Nv)
+    value_levels = value.split([h * w for h, w in shapes], dim=-1)  # L x (B*nh, hd, H_l*W_l)
+    grids = (2 * sampling_locations - 1).transpose(1, 2).flatten(0, 1)  # (B*nh, Nq, L, P, 2)
+    samples = [
+        F.grid_sample(
+            value_levels[lvl].view(B * nh, hd, h, w), grids[:, :, lvl], mode="bilinear",
+            padding_mode="zeros", align_corners=False,
+        )  # (B*nh, hd, Nq, P)
+        for lvl, (h, w) in enumerate(shapes)
+    ]  # fmt: skip
+    samples = torch.stack(samples, dim=3)  # (B*nh, hd, Nq, L, P)
+    samples = samples.view(B, nh, hd, Nq, L, P)  # (B, nh, hd, Nq, L, P)
+    return samples.permute(0, 3, 1, 4, 5, 2)  # (B, Nq, nh, L, P, hd)
 
 
 def deformable_sampling_naive(
@@ -260,12 +296,21 @@ class MultiScaleDeformableAttention(nn.Module):
     each head; the value is projected, padded tokens are zeroed, the core samples and sums, and the
     output projection, dropout and identity connection finish: ``identity + dropout(proj(...))``.
 
+    ``weights_from="content"`` is the variant chapter 02 asks about (Q2) and chapter 08 trains: the
+    offsets still come from the query alone, but the weights are dot products with what the samples
+    *contain*, ``softmax_{l,p}(q_h . k_h(loc_{h,l,p}) / sqrt(hd))`` with ``q = W_q query`` and the key
+    map ``k = W_k value`` sampled at the same locations as the value (sampling is linear per pixel,
+    so this is ``W_k`` applied to the bilinearly sampled input). It samples twice the channels and
+    keeps every sample alive (:func:`deformable_samples`); padded tokens and points outside the map
+    read a zero key (logit 0). Not in the paper; the name and the formula are this course's.
+
     Args:
         embed_dim: C, channels of query and value.
         num_heads: nh; C must be divisible by it.
         num_levels: L, feature levels.
         num_points: P, sampling points per head and level.
         dropout: dropout on the projected output, before the identity connection.
+        weights_from: "query" (the paper: a linear layer of the query) or "content" (see above).
     """
 
     def __init__(
@@ -276,16 +321,24 @@ class MultiScaleDeformableAttention(nn.Module):
         num_levels: int = 4,
         num_points: int = 4,
         dropout: float = 0.1,
+        weights_from: str = "query",
     ) -> None:
         super().__init__()
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
+        if weights_from not in ("query", "content"):
+            raise ValueError(f"weights_from must be 'query' or 'content', got {weights_from!r}")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.num_levels = num_levels
         self.num_points = num_points
+        self.weights_from = weights_from
         self.sampling_offsets = nn.Linear(embed_dim, num_heads * num_levels * num_points * 2)
-        self.attention_weights = nn.Linear(embed_dim, num_heads * num_levels * num_points)
+        if weights_from == "query":
+            self.attention_weights = nn.Linear(embed_dim, num_heads * num_levels * num_points)
+        else:
+            self.query_proj = nn.Linear(embed_dim, embed_dim)
+            self.key_proj = nn.Linear(embed_dim, embed_dim)
         self.value_proj = nn.Linear(embed_dim, embed_dim)
         self.output_proj = nn.Linear(embed_dim, embed_dim)
         self.dropout = nn.Dropout(dropout)
@@ -298,7 +351,8 @@ class MultiScaleDeformableAttention(nn.Module):
         * offsets: zero weight; the bias puts head ``h``'s points on the direction at angle
           ``2 pi h / nh`` pushed onto the square's border (``max(|x|, |y|) = 1``), point ``p`` at distance
           ``p + 1`` -- a ring of rays that grows with the point index, the same on every level;
-        * attention weights: zero weight and bias, so the softmax starts uniform over the L * P samples;
+        * attention weights: zero weight and bias, so the softmax starts uniform over the L * P samples
+          (``weights_from="content"``: Xavier-uniform query and key projections, zero bias);
         * value and output projections: Xavier-uniform weight, zero bias.
         """
         nh, L, P = self.num_heads, self.num_levels, self.num_points
@@ -310,8 +364,13 @@ class MultiScaleDeformableAttention(nn.Module):
         bias = directions[:, None, None, :] * scales[None, None, :, None]  # (nh, 1, P, 2)
         bias = bias.expand(nh, L, P, 2)  # (nh, L, P, 2)
         self.sampling_offsets.bias.copy_(bias.reshape(-1))
-        nn.init.zeros_(self.attention_weights.weight)
-        nn.init.zeros_(self.attention_weights.bias)
+        if self.weights_from == "query":
+            nn.init.zeros_(self.attention_weights.weight)
+            nn.init.zeros_(self.attention_weights.bias)
+        else:  # dot-product weights: Xavier like the other projections (logits start small, not 0)
+            for proj in (self.query_proj, self.key_proj):
+                nn.init.xavier_uniform_(proj.weight)
+                nn.init.zeros_(proj.bias)
         nn.init.xavier_uniform_(self.value_proj.weight)
         nn.init.zeros_(self.value_proj.bias)
         nn.init.xavier_uniform_(self.output_proj.weight)
@@ -396,16 +455,30 @@ class MultiScaleDeformableAttention(nn.Module):
                 f"key_padding_mask must be (B, Nv) = {(B, Nv)}, got {tuple(key_padding_mask.shape)}"
             )
 
-        value = self.value_proj(value)  # (B, Nv, C)
+        hd = self.embed_dim // nh
+        source = value
+        value = self.value_proj(source)  # (B, Nv, C)
         if key_padding_mask is not None:
             # Zero padded tokens: bilinear samples near the padding then read zeros, never padding.
             value = value.masked_fill(key_padding_mask[..., None], 0.0)  # (B, Nv, C)
-        value = value.view(B, Nv, nh, self.embed_dim // nh)  # (B, Nv, nh, hd)
+        value = value.view(B, Nv, nh, hd)  # (B, Nv, nh, hd)
         offsets = self.sampling_offsets(query).view(B, Nq, nh, L, P, 2)  # (B, Nq, nh, L, P, 2)
-        weights = self.attention_weights(query).view(B, Nq, nh, L * P)  # (B, Nq, nh, L*P)
-        weights = weights.softmax(-1).view(B, Nq, nh, L, P)  # (B, Nq, nh, L, P) sum to 1 per head
         locations = offsets_to_locations(reference_points, offsets, spatial_shapes)  # (B, Nq, nh, L, P, 2)
-        out = deformable_sampling(value, spatial_shapes, locations, weights)  # (B, Nq, C)
+        if self.weights_from == "query":
+            weights = self.attention_weights(query).view(B, Nq, nh, L * P)  # (B, Nq, nh, L*P)
+            weights = weights.softmax(-1).view(B, Nq, nh, L, P)  # (B, Nq, nh, L, P) sum to 1 per head
+            out = deformable_sampling(value, spatial_shapes, locations, weights)  # (B, Nq, C)
+        else:
+            key = self.key_proj(source)  # (B, Nv, C)
+            if key_padding_mask is not None:
+                key = key.masked_fill(key_padding_mask[..., None], 0.0)  # (B, Nv, C)
+            both = torch.cat([value, key.view(B, Nv, nh, hd)], dim=-1)  # (B, Nv, nh, 2*hd)
+            samples = deformable_samples(both, spatial_shapes, locations)  # (B, Nq, nh, L, P, 2*hd)
+            v_s, k_s = samples.split(hd, dim=-1)  # 2 x (B, Nq, nh, L, P, hd)
+            q = self.query_proj(query).view(B, Nq, nh, 1, 1, hd)  # (B, Nq, nh, 1, 1, hd)
+            logits = (q * k_s).sum(-1) / math.sqrt(hd)  # (B, Nq, nh, L, P)
+            weights = logits.view(B, Nq, nh, L * P).softmax(-1).view(B, Nq, nh, L, P)  # (B, Nq, nh, L, P)
+            out = (v_s * weights[..., None]).sum((3, 4)).reshape(B, Nq, nh * hd)  # (B, Nq, C)
         out = identity + self.dropout(self.output_proj(out))  # (B, Nq, C)
         if return_sampling:
             return out, locations, weights

@@ -57,7 +57,7 @@ class MultiScaleEncoder(nn.Module):
     Args:
         num_levels: L.
         embed_dim: C.
-        num_heads, num_layers, num_points, feedforward_dim, dropout: of the encoder.
+        num_heads, num_layers, num_points, weights_from, feedforward_dim, dropout: of the encoder.
     """
 
     def __init__(
@@ -68,6 +68,7 @@ class MultiScaleEncoder(nn.Module):
         num_heads: int,
         num_layers: int,
         num_points: int,
+        weights_from: str = "query",
         feedforward_dim: int,
         dropout: float,
     ) -> None:
@@ -79,6 +80,7 @@ class MultiScaleEncoder(nn.Module):
             num_heads=num_heads,
             num_levels=num_levels,
             num_points=num_points,
+            weights_from=weights_from,
             feedforward_dim=feedforward_dim,
             dropout=dropout,
         )
@@ -121,6 +123,7 @@ class DeformableDETR(nn.Module):
         dropout: transformer dropout.
         num_queries: Nq (300 in the paper).
         num_points: P per head and level.
+        weights_from: "query" (the paper) or "content" (dot products with the samples; chapter 08, Q2).
         box_refine: iterative box refinement (one box head per decoder layer).
         two_stage: encoder proposals as the decoder's reference boxes and queries.
     """
@@ -138,6 +141,7 @@ class DeformableDETR(nn.Module):
         dropout: float = 0.1,
         num_queries: int = 300,
         num_points: int = 4,
+        weights_from: str = "query",
         box_refine: bool = False,
         two_stage: bool = False,
     ) -> None:
@@ -150,6 +154,7 @@ class DeformableDETR(nn.Module):
             num_heads=num_heads,
             num_layers=num_encoder_layers,
             num_points=num_points,
+            weights_from=weights_from,
             feedforward_dim=feedforward_dim,
             dropout=dropout,
         )
@@ -159,6 +164,7 @@ class DeformableDETR(nn.Module):
             num_heads=num_heads,
             num_levels=L,
             num_points=num_points,
+            weights_from=weights_from,
             feedforward_dim=feedforward_dim,
             dropout=dropout,
             post_norm=False,  # Deformable DETR has no final decoder norm
@@ -199,6 +205,7 @@ class DeformableDETR(nn.Module):
             dropout=cfg.dropout,
             num_queries=cfg.num_queries,
             num_points=cfg.num_points,
+            weights_from=cfg.weights_from,
             box_refine=cfg.box_refine,
             two_stage=cfg.two_stage,
         )

@@ -286,6 +286,7 @@ class DeformableEncoderLayer(nn.Module):
         num_heads: nh.
         num_levels: L.
         num_points: P sampling points per head and level.
+        weights_from: "query" (the paper) or "content" (dot products with the samples; chapter 08, Q2).
         feedforward_dim: FFN hidden width (Deformable DETR: 1024).
         dropout: after attention and in the FFN.
     """
@@ -297,6 +298,7 @@ class DeformableEncoderLayer(nn.Module):
         num_heads: int = 8,
         num_levels: int = 4,
         num_points: int = 4,
+        weights_from: str = "query",
         feedforward_dim: int = 1024,
         dropout: float = 0.1,
     ) -> None:
@@ -306,6 +308,7 @@ class DeformableEncoderLayer(nn.Module):
             num_heads=num_heads,
             num_levels=num_levels,
             num_points=num_points,
+            weights_from=weights_from,
             dropout=dropout,
         )
         self.norm1 = nn.LayerNorm(embed_dim)
@@ -341,7 +344,7 @@ class DeformableEncoder(nn.Module):
 
     Args:
         num_layers: depth (Deformable DETR / DINO: 6).
-        embed_dim, num_heads, num_levels, num_points, feedforward_dim, dropout: per layer.
+        embed_dim, num_heads, num_levels, num_points, weights_from, feedforward_dim, dropout: per layer.
     """
 
     def __init__(
@@ -352,6 +355,7 @@ class DeformableEncoder(nn.Module):
         num_heads: int = 8,
         num_levels: int = 4,
         num_points: int = 4,
+        weights_from: str = "query",
         feedforward_dim: int = 1024,
         dropout: float = 0.1,
     ) -> None:
@@ -365,6 +369,7 @@ class DeformableEncoder(nn.Module):
                 num_heads=num_heads,
                 num_levels=num_levels,
                 num_points=num_points,
+                weights_from=weights_from,
                 feedforward_dim=feedforward_dim,
                 dropout=dropout,
             )
@@ -432,6 +437,7 @@ class DeformableDecoderLayer(nn.Module):
         num_heads: int = 8,
         num_levels: int = 4,
         num_points: int = 4,
+        weights_from: str = "query",
         feedforward_dim: int = 1024,
         dropout: float = 0.1,
     ) -> None:
@@ -445,6 +451,7 @@ class DeformableDecoderLayer(nn.Module):
             num_heads=num_heads,
             num_levels=num_levels,
             num_points=num_points,
+            weights_from=weights_from,
             dropout=dropout,
         )
         self.norm2 = nn.LayerNorm(embed_dim)
@@ -530,7 +537,7 @@ class DeformableDecoder(nn.Module):
 
     Args:
         num_layers: depth (6).
-        embed_dim, num_heads, num_levels, num_points, feedforward_dim, dropout: per layer.
+        embed_dim, num_heads, num_levels, num_points, weights_from, feedforward_dim, dropout: per layer.
         post_norm: see above.
     """
 
@@ -542,6 +549,7 @@ class DeformableDecoder(nn.Module):
         num_heads: int = 8,
         num_levels: int = 4,
         num_points: int = 4,
+        weights_from: str = "query",
         feedforward_dim: int = 1024,
         dropout: float = 0.1,
         post_norm: bool = False,
@@ -557,6 +565,7 @@ class DeformableDecoder(nn.Module):
                 num_heads=num_heads,
                 num_levels=num_levels,
                 num_points=num_points,
+                weights_from=weights_from,
                 feedforward_dim=feedforward_dim,
                 dropout=dropout,
             )

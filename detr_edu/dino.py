@@ -106,6 +106,7 @@ class DINO(nn.Module):
         dropout: transformer dropout (0.0 in DINO).
         num_queries: Nq matching queries (900 in DINO).
         num_points: P per head and level.
+        weights_from: "query" (the paper) or "content" (dot products with the samples; chapter 08, Q2).
         look_forward_twice: DINO's gradient path for refined boxes.
         mixed_query_selection: learnable content queries (True, DINO) or content from the selected
             encoder features (False, "pure query selection").
@@ -126,6 +127,7 @@ class DINO(nn.Module):
         dropout: float = 0.0,
         num_queries: int = 900,
         num_points: int = 4,
+        weights_from: str = "query",
         look_forward_twice: bool = True,
         mixed_query_selection: bool = True,
         denoiser: nn.Module | None = None,
@@ -139,6 +141,7 @@ class DINO(nn.Module):
             num_heads=num_heads,
             num_layers=num_encoder_layers,
             num_points=num_points,
+            weights_from=weights_from,
             feedforward_dim=feedforward_dim,
             dropout=dropout,
         )
@@ -153,6 +156,7 @@ class DINO(nn.Module):
             num_heads=num_heads,
             num_levels=L,
             num_points=num_points,
+            weights_from=weights_from,
             feedforward_dim=feedforward_dim,
             dropout=dropout,
             post_norm=True,  # DINO normalises every returned decoder state
@@ -190,6 +194,7 @@ class DINO(nn.Module):
             dropout=cfg.dropout,
             num_queries=cfg.num_queries,
             num_points=cfg.num_points,
+            weights_from=cfg.weights_from,
             look_forward_twice=cfg.look_forward_twice,
             mixed_query_selection=cfg.mixed_query_selection,
             denoiser=denoiser,

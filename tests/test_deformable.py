@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from detr_edu.deformable import (
     MultiScaleDeformableAttention,
+    deformable_samples,
     deformable_sampling,
     deformable_sampling_naive,
     flatten_levels,
@@ -205,6 +206,79 @@ def test_layer_matches_manual_composition(ref_dim):
     torch.testing.assert_close(weights, w)
     torch.testing.assert_close(weights.sum((-1, -2)), torch.ones(B, Nq, 4))
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_samples_are_the_naive_loop_one_sample_at_a_time():
+    value, shapes, locations, weights = _inputs(B=1, Nq=2, nh=2, hd=3, P=2)
+    samples = deformable_samples(value, shapes, locations)  # (B, Nq, nh, L, P, hd)
+    L, P = shapes.shape[0], 2
+    for lvl in range(L):
+        for p in range(P):
+            one_hot = torch.zeros_like(weights)
+            one_hot[:, :, :, lvl, p] = 1.0
+            expected = deformable_sampling_naive(value, shapes, locations, one_hot).view(1, 2, 2, 3)
+            torch.testing.assert_close(samples[:, :, :, lvl, p], expected)
+    # and their weighted sum is the core
+    summed = (samples * weights[..., None]).sum((3, 4)).flatten(2)  # (B, Nq, nh*hd)
+    torch.testing.assert_close(summed, deformable_sampling(value, shapes, locations, weights))
+
+
+@pytest.mark.parametrize("ref_dim", [2, 4])
+def test_content_weights_match_manual_composition(ref_dim):
+    """weights_from="content": softmax over the L*P samples of q_h . k_h(sample) / sqrt(hd), checked
+    with the naive bilinear loop sampling the key map one point at a time."""
+    torch.manual_seed(0)
+    nh, L, P, C = 4, 4, 3, 16
+    hd = C // nh
+    attn = MultiScaleDeformableAttention(
+        embed_dim=C, num_heads=nh, num_levels=L, num_points=P, dropout=0.0, weights_from="content"
+    ).double()
+    assert not hasattr(attn, "attention_weights")  # no unused parameters
+    torch.nn.init.normal_(attn.sampling_offsets.weight, std=0.5)
+    query, value, ref, shapes, start = (
+        t.double() if t.is_floating_point() else t for t in _layer_inputs(ref_dim=ref_dim)
+    )
+    mask = torch.zeros(value.shape[:2], dtype=torch.bool)
+    mask[1, -5:] = True  # some padding in the second image
+    out, loc, weights = attn(
+        query, value=value, reference_points=ref, spatial_shapes=shapes, level_start_index=start,
+        key_padding_mask=mask, return_sampling=True,
+    )  # fmt: skip
+    B, Nq, _ = query.shape
+    v = attn.value_proj(value).masked_fill(mask[..., None], 0.0).view(B, -1, nh, hd)
+    k = attn.key_proj(value).masked_fill(mask[..., None], 0.0).view(B, -1, nh, hd)
+    q = attn.query_proj(query).view(B, Nq, nh, hd)
+    logits = torch.zeros(B, Nq, nh, L, P, dtype=torch.float64)
+    for lvl in range(L):
+        for p in range(P):
+            one_hot = torch.zeros(B, Nq, nh, L, P, dtype=torch.float64)
+            one_hot[..., lvl, p] = 1.0
+            k_s = deformable_sampling_naive(k, shapes, loc, one_hot).view(B, Nq, nh, hd)
+            logits[..., lvl, p] = (q * k_s).sum(-1) / math.sqrt(hd)
+    w = logits.flatten(3).softmax(-1).view(B, Nq, nh, L, P)
+    expected = query + attn.output_proj(deformable_sampling_naive(v, shapes, loc, w))
+    torch.testing.assert_close(weights, w)
+    torch.testing.assert_close(out, expected)
+
+
+def test_content_weights_gradcheck_float64():
+    torch.manual_seed(0)
+    attn = MultiScaleDeformableAttention(
+        embed_dim=8, num_heads=2, num_levels=2, num_points=2, dropout=0.0, weights_from="content"
+    ).double()
+    torch.nn.init.normal_(attn.sampling_offsets.weight, std=0.3)
+    shapes = torch.tensor([[3, 4], [2, 2]])
+    value = torch.randn(1, 16, 8, dtype=torch.float64, requires_grad=True)
+    query = torch.randn(1, 3, 8, dtype=torch.float64, requires_grad=True)
+    ref = torch.rand(1, 3, 2, 2, dtype=torch.float64) * 0.8 + 0.1
+
+    def f(query, value):
+        return attn(query, value=value, reference_points=ref, spatial_shapes=shapes,
+                    level_start_index=level_start_index_from_shapes(shapes))  # fmt: skip
+
+    assert torch.autograd.gradcheck(f, (query, value))
+    with pytest.raises(ValueError, match="weights_from"):
+        MultiScaleDeformableAttention(embed_dim=8, num_heads=2, weights_from="keys")
 
 
 def test_self_attention_defaults_value_and_identity_to_query():

@@ -64,6 +64,10 @@ VARIANTS = {
     "dino": DINOConfig(**COMMON, backbone=_multi_level()),
     "dino_no_lft": DINOConfig(**COMMON, look_forward_twice=False, backbone=_multi_level()),
     "dino_pure_selection": DINOConfig(**COMMON, mixed_query_selection=False, backbone=_multi_level()),
+    "dino_content_weights": DINOConfig(**COMMON, weights_from="content", backbone=_multi_level()),
+    "deformable_content_weights": DeformableDETRConfig(
+        **COMMON, box_refine=True, weights_from="content", backbone=_multi_level()
+    ),
 }
 
 
