@@ -30,7 +30,14 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "CHECKPOINT_KEYS"]
+__all__ = [
+    "save_checkpoint",
+    "atomic_save",
+    "load_checkpoint",
+    "rng_state",
+    "set_rng_state",
+    "CHECKPOINT_KEYS",
+]
 
 CHECKPOINT_KEYS = (
     "model",
@@ -89,11 +96,16 @@ def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> Path:
     missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint]
     if missing:
         raise ValueError(f"checkpoint lacks {missing}; it has {sorted(checkpoint)}")
+    return atomic_save(checkpoint, path)
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save(obj)`` to ``path`` via ``NAME.tmp`` + fsync + ``os.replace``; return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        torch.save(checkpoint, f)
+        torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())  # the bytes are on disk before the name points at them
     os.replace(tmp, path)

@@ -126,6 +126,9 @@ class SetCriterion(nn.Module):
         dn_padding_in_loss: DINO's padded denoising queries take part in ``loss_class_dn*`` as
             "no object" (True, the reference code) or are left out of every loss (False); chapter 07
             (Q5) measures the difference.
+        aux_loss: supervise every decoder layer (True, DETR sec. 3.2) or only the last one
+            (False: ``aux_outputs`` of the predictions and of the denoising part are ignored; the
+            ablation of chapter 08).
     """
 
     def __init__(
@@ -140,6 +143,7 @@ class SetCriterion(nn.Module):
         gamma: float = 2.0,
         binary_enc_cls: bool = False,
         dn_padding_in_loss: bool = True,
+        aux_loss: bool = True,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -165,6 +169,7 @@ class SetCriterion(nn.Module):
         self.gamma = gamma
         self.binary_enc_cls = binary_enc_cls
         self.dn_padding_in_loss = dn_padding_in_loss
+        self.aux_loss = aux_loss
 
     def extra_repr(self) -> str:
         return (
@@ -405,7 +410,8 @@ class SetCriterion(nn.Module):
         indices, groups = dn_meta["indices"], int(dn_meta["groups"])
         query_mask = None if self.dn_padding_in_loss else dn_meta["valid"]  # (B, Nd) or None
         layers = [(dn_outputs, "_dn")]
-        layers += [(aux, f"_dn_{i}") for i, aux in enumerate(dn_outputs.get("aux_outputs", []))]
+        if self.aux_loss:
+            layers += [(aux, f"_dn_{i}") for i, aux in enumerate(dn_outputs.get("aux_outputs", []))]
         losses: dict[str, Tensor] = {}
         for layer, suffix in layers:
             where = f"outputs['dn_outputs']{suffix}"
@@ -437,7 +443,7 @@ class SetCriterion(nn.Module):
             raise ValueError("targets is empty: need one dict per image (an image may have no boxes)")
         self._check_targets(targets)
         self._check_layer(outputs, len(targets), "outputs", binary=False)
-        aux_outputs = outputs.get("aux_outputs", [])
+        aux_outputs = outputs.get("aux_outputs", []) if self.aux_loss else []
         for i, aux in enumerate(aux_outputs):
             self._check_layer(aux, len(targets), f"outputs['aux_outputs'][{i}]", binary=False)
         if "enc_outputs" in outputs:

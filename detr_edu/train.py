@@ -50,7 +50,7 @@ from detr_edu.training_presets import TRAINING_PRESET_NAMES, TrainConfig, get_tr
 from detr_edu.transforms import make_transforms
 from detr_edu.utils import seed_everything
 
-__all__ = ["main", "parse_args", "build_criterion", "param_groups", "ResumableSampler"]
+__all__ = ["main", "parse_args", "apply_overrides", "build_criterion", "param_groups", "ResumableSampler"]
 
 
 class ResumableSampler(DistributedSampler):
@@ -97,6 +97,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, help="train and evaluate at this shorter side (one size)")
     p.add_argument("--num-queries", type=int, help="override the model's number of queries")
     p.add_argument("--backbone-norm", choices=("batch", "group"), help="override the backbone's norm layer")
+    p.add_argument(
+        "--model-set", nargs="+", default=[], metavar="KEY=VALUE",
+        help="override model-config fields (values parsed as JSON when they parse): num_points=16 "
+        "weights_from=content backbone.levels=[2] dn_number=0 (see detr_edu.config)",
+    )  # fmt: skip
+    p.add_argument("--no-aux-loss", action="store_true", help="losses on the last decoder layer only")
     p.add_argument("--num-train", type=int, help="use only the first N training images")
     p.add_argument("--num-val", type=int, help="evaluate on the first N validation images")
     p.add_argument("--num-workers", type=int)
@@ -127,6 +133,7 @@ def training_config(args: argparse.Namespace) -> TrainConfig:
         "num_workers": args.num_workers,
         "eval_every_epochs": args.eval_every_epochs,
         "eval_every_minutes": args.eval_every_minutes,
+        "aux_loss": False if args.no_aux_loss else None,
     }
     if args.image_size is not None:
         overrides.update(train_sizes=(args.image_size,), eval_size=args.image_size, max_size=None)
@@ -139,6 +146,42 @@ def model_config(args: argparse.Namespace, tcfg: TrainConfig, num_classes: int) 
         cfg.num_queries = args.num_queries
     if args.backbone_norm is not None:
         cfg.backbone = dataclasses.replace(cfg.backbone, norm=args.backbone_norm)
+    return apply_overrides(cfg, args.model_set)
+
+
+def apply_overrides(cfg: ModelConfig, items: Sequence[str]) -> ModelConfig:
+    """A copy of ``cfg`` with ``KEY=VALUE`` items applied (``backbone.KEY`` for the backbone).
+
+    Values are parsed as JSON when they parse (``16``, ``[2]``, ``true``, ``"content"``) and kept as
+    strings otherwise (``weights_from=content``). Unknown keys raise ``ValueError`` naming the valid
+    ones; the dataclasses' own checks (``__post_init__``) run again on the result.
+    """
+    cfg = dataclasses.replace(cfg)
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--model-set wants KEY=VALUE items, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        target_name, _, field_name = key.rpartition(".")
+        if target_name not in ("", "backbone"):
+            raise ValueError(
+                f"--model-set key {key!r}: only fields of the model or of 'backbone.' are settable"
+            )
+        target = cfg.backbone if target_name else cfg
+        names = {f.name for f in dataclasses.fields(target)}
+        if field_name not in names or (not target_name and field_name == "backbone"):
+            raise ValueError(
+                f"--model-set: {type(target).__name__} has no field {field_name!r}; fields: {sorted(names)}"
+            )
+        if isinstance(value, list):
+            value = tuple(value)
+        if target_name:
+            cfg.backbone = dataclasses.replace(cfg.backbone, **{field_name: value})
+        else:
+            cfg = dataclasses.replace(cfg, **{field_name: value})
     return cfg
 
 
@@ -162,6 +205,7 @@ def build_criterion(mcfg: ModelConfig, tcfg: TrainConfig) -> SetCriterion:
         weight_dict=tcfg.loss_weights,
         class_loss=tcfg.class_loss,
         eos_coef=tcfg.eos_coef,
+        aux_loss=tcfg.aux_loss,
     )
 
 

@@ -1,0 +1,116 @@
+"""Trained weights to ship and to load: a model-only, half-precision copy of a training checkpoint.
+
+A training checkpoint (:mod:`detr_edu.checkpoint`) carries the optimiser's two Adam moments, so it is
+three times the model; in float32 the course's ``dino_cpu`` model alone is 28 MB. The exported file
+keeps what inference needs -- the weights in float16 (14 MB), the model config, the category ids --
+plus where it came from (training step, the final COCO metrics of the run's log). It is loaded
+with ``torch.load(..., weights_only=True)`` and cast back to float32: the rounding changes the
+predicted boxes by about 1e-3 of the image size (``tests/test_export.py`` bounds it).
+
+The course ships one such file, the ``dino_cpu`` model trained for 10 minutes on digit scenes
+(chapter 08), made by::
+
+    python -m detr_edu.coco_export --out runs/digits --train 4000 --val 500 --seed 0
+    python -m detr_edu.train --preset dino_cpu --coco-path runs/digits --output-dir runs/dino_cpu \\
+        --budget-minutes 10 --num-val 500
+    python -m detr_edu.export --checkpoint runs/dino_cpu/checkpoint.pth \\
+        --log runs/dino_cpu/log.jsonl --out detr_edu/weights/dino_cpu_digits.pth
+
+and :func:`load_shipped` returns it ready to use.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from detr_edu.checkpoint import atomic_save, load_checkpoint
+from detr_edu.config import build_model, config_from_dict
+from detr_edu.logs import final_metrics, read_log
+
+__all__ = ["export_weights", "load_weights", "load_shipped", "SHIPPED_WEIGHTS", "FORMAT"]
+
+FORMAT = "detr_edu-weights-1"
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights" / "dino_cpu_digits.pth"
+
+
+def export_weights(
+    checkpoint_path: str | Path,
+    out_path: str | Path,
+    *,
+    log_path: str | Path | None = None,
+    dtype: torch.dtype = torch.float16,
+) -> Path:
+    """Write the model of a training checkpoint to ``out_path`` (atomically), floats cast to ``dtype``.
+
+    Args:
+        checkpoint_path: a ``checkpoint.pth`` written by :mod:`detr_edu.train`.
+        out_path: destination file.
+        log_path: the run's ``log.jsonl``; its final metrics are stored under ``"metrics"``.
+        dtype: torch.float16 (default), torch.bfloat16 or torch.float32.
+    """
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+    checkpoint = load_checkpoint(checkpoint_path)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in checkpoint["model"].items()}
+    weights = {
+        "format": FORMAT,
+        "model": state,
+        "config": checkpoint["config"]["model"],
+        "train_config": checkpoint["config"].get("train", {}),
+        "category_ids": list(checkpoint["category_ids"]),
+        "step": int(checkpoint["step"]),
+        "metrics": final_metrics(read_log(log_path)) if log_path is not None else {},
+    }
+    return atomic_save(weights, out_path)
+
+
+def load_weights(path: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """The model an exported file describes, in float32 and eval mode, and the file's other entries.
+
+    Returns:
+        ``(model, info)`` with ``info`` holding ``category_ids`` (label k <-> dataset category id),
+        ``config``, ``train_config``, ``step`` and ``metrics``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a file written by :func:`export_weights`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights at {path}")
+    weights = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(weights, dict) or weights.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a detr_edu weights file (format {FORMAT!r}); see detr_edu.export")
+    model = build_model(config_from_dict(weights["config"]))
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights["model"].items()})
+    model.eval()
+    info = {k: weights[k] for k in ("category_ids", "config", "train_config", "step", "metrics")}
+    return model, info
+
+
+def load_shipped() -> tuple[nn.Module, dict]:
+    """The ``dino_cpu`` model trained on digit scenes that ships with the course (see module doc)."""
+    return load_weights(SHIPPED_WEIGHTS)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description="Export the model of a training checkpoint (float16, model only)."
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint.pth of detr_edu.train")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--log", type=Path, help="the run's log.jsonl (final metrics are stored with the weights)")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    args = p.parse_args(argv)
+    out = export_weights(args.checkpoint, args.out, log_path=args.log, dtype=getattr(torch, args.dtype))
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
