@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from training_runs import RESULTS, ROOT, ensure_digits, run_and_summarise, train_command
 
+from detr_edu.logs import final_metrics, read_log
+
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "baseline": ("dino_cpu preset (4 levels x 4 points, 30 queries, denoising, aux losses)", []),
     "content_weights": ("Q2: weights softmax(q . k(sample)), not from the query alone", ["--model-set", "weights_from=content"]),
@@ -46,6 +48,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "128px": ("128-px images instead of 96", ["--image-size", "128"]),
     "baseline_again": ("baseline, second run (run-to-run noise)", []),
 }  # fmt: skip
+LOGS = RESULTS / "ablation"
 
 
 def main() -> None:
@@ -56,9 +59,14 @@ def main() -> None:
     parser.add_argument("--eval-every-minutes", type=float, default=1.5)
     parser.add_argument("--num-val", type=int, default=500)
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "ablation")
+    parser.add_argument(
+        "--table-only", action="store_true", help="only rebuild ablation.md from the kept logs"
+    )
     args = parser.parse_args()
+    if args.table_only:
+        write_table(args)
+        return
     ensure_digits(args.coco_path)
-    rows = []
     for name in args.variants:
         question, extra = VARIANTS[name]
         out = args.runs_dir / name
@@ -68,22 +76,38 @@ def main() -> None:
             "dino_cpu", coco_path=args.coco_path, out=out, minutes=args.minutes,
             eval_every_minutes=args.eval_every_minutes, num_val=args.num_val, extra=[*seed, *extra],
         )  # fmt: skip
-        row = run_and_summarise(cmd, out=out, keep_log_as=RESULTS / "ablation" / f"{name}.jsonl")
-        rows.append({"variant": name, "question": question, "args": " ".join([*seed, *extra]), **row})
+        row = run_and_summarise(cmd, out=out, keep_log_as=LOGS / f"{name}.jsonl")
+        (LOGS / f"{name}.load").write_text(row["load"] + "\n", encoding="utf-8")
+    write_table(args)
+
+
+def write_table(args: argparse.Namespace) -> None:
+    """``ablation.md`` from every variant's kept log (so a variant can be re-run alone)."""
     lines = [
         f"DINO (`dino_cpu`) ablations: {args.minutes:g} min of training each (evaluation excluded), one after "
         f"the other on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads, {args.num_val} held-out val scenes, seed 42 "
         "(43 for the second baseline). Command: `.venv/bin/python benchmarks/ablation.py "
-        f"--minutes {args.minutes:g}`.",
+        f"--minutes {args.minutes:g}` (or `--variants NAME ...` to re-run some; the table is rebuilt from "
+        "`ablation/*.jsonl`). `AP @ N steps`: at the first evaluation (after 1.5 min), for comparing at "
+        "(roughly) equal steps when a variant is faster or slower per step.",
         "",
-        "| variant | what changes | extra arguments | AP | AP50 | AR100 | steps | s/step | load before -> after |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | what changes | extra arguments | AP | AP50 | AR100 | steps | s/step | AP @ N steps (1st eval) | load before -> after |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for name, (question, extra) in VARIANTS.items():
+        log = LOGS / f"{name}.jsonl"
+        if not log.is_file():
+            continue
+        records = read_log(log)
+        r = final_metrics(records)
+        first = next((e for e in records if e["type"] == "eval"), None)
+        at_first = f"{first['AP']:.1f} @ {first['step']}" if first else "-"
+        load = (LOGS / f"{name}.load").read_text().strip() if (LOGS / f"{name}.load").is_file() else "n/a"
+        seed = "--seed 43 " if name == "baseline_again" else ""
         lines.append(
-            f"| {r['variant']} | {r['question']} | `{r['args'] or '-'}` | {r['AP']:.1f} | {r['AP50']:.1f} | "
-            f"{r['AR100']:.1f} | {r['steps']} | {r['s_per_step']:.3f} | {r['load']} |"
+            f"| {name} | {question} | `{(seed + ' '.join(extra)).strip() or '-'}` | {r['AP']:.1f} | {r['AP50']:.1f} | "
+            f"{r['AR100']:.1f} | {r['steps']} | {r['s_per_step']:.3f} | {at_first} | {load} |"
         )
     table = "\n".join(lines)
     print(table)

@@ -80,6 +80,10 @@ def test_plots_return_figures_with_the_logged_data() -> None:
     assert list(ax_ap.lines[0].get_xdata()) == pytest.approx([10 / 60, 20 / 60])
     fig = plot_runs({"a": RECORDS, "b": RECORDS[:4]})
     assert [line.get_label() for line in fig.axes[0].lines] == ["a", "b"]
+    fig = plot_runs({"a": RECORDS}, x="step")
+    assert list(fig.axes[0].lines[0].get_xdata()) == [20, 40]
+    with pytest.raises(ValueError, match="minutes"):
+        plot_runs({"a": RECORDS}, x="epoch")
     images = [torch.rand(3, 32, 32), torch.rand(3, 32, 32)]
     dets = [
         {"scores": torch.tensor([0.9, 0.2]), "labels": torch.tensor([3, 1]),

@@ -71,24 +71,31 @@ def plot_training(
     return fig
 
 
-def plot_runs(runs: Mapping[str, Sequence[dict]], *, metric: str = "AP", title: str = "") -> Figure:
-    """Several runs on shared axes: ``metric`` against training minutes (left) and the smoothed total
-    loss against training minutes (right). ``runs`` maps a label to that run's records."""
+def plot_runs(
+    runs: Mapping[str, Sequence[dict]], *, metric: str = "AP", x: str = "minutes", title: str = ""
+) -> Figure:
+    """Several runs on shared axes: ``metric`` (left) and the smoothed total loss (right) against
+    training minutes (``x="minutes"``) or optimisation steps (``x="step"``: compares runs whose
+    steps cost different times). ``runs`` maps a label to that run's records."""
+    if x not in ("minutes", "step"):
+        raise ValueError(f"x must be 'minutes' or 'step', got {x!r}")
+    key, scale = ("elapsed_s", 1 / 60) if x == "minutes" else ("step", 1)
     fig, (ax_ap, ax_loss) = plt.subplots(1, 2, figsize=(9.0, 3.2))
     for label, records in runs.items():
-        seconds, values = series(records, metric, kind="eval")
-        (line,) = ax_ap.plot([s / 60 for s in seconds], values, "o-", label=label, ms=4)
-        seconds, losses = series(records, "loss")
-        finite = [(s, v) for s, v in zip(seconds, losses, strict=True) if math.isfinite(v)]
+        xs, values = series(records, metric, kind="eval", x=key)
+        (line,) = ax_ap.plot([v * scale for v in xs], values, "o-", label=label, ms=4)
+        xs, losses = series(records, "loss", x=key)
+        finite = [(s, v) for s, v in zip(xs, losses, strict=True) if math.isfinite(v)]
         if finite:
-            xs, ys = zip(*finite, strict=True)
-            ax_loss.plot([s / 60 for s in xs], _smooth(ys, 5), color=line.get_color(), label=label)
+            fx, fy = zip(*finite, strict=True)
+            ax_loss.plot([v * scale for v in fx], _smooth(fy, 5), color=line.get_color(), label=label)
     ax_ap.set_ylabel(f"COCO {metric} on held-out scenes (%)", fontsize=8)
     ax_ap.set_ylim(bottom=0)
     ax_loss.set_yscale("log")
     ax_loss.set_ylabel("total training loss (moving average)", fontsize=8)
+    xlabel = "training time (min, evaluation excluded)" if x == "minutes" else "optimisation step"
     for ax in (ax_ap, ax_loss):
-        ax.set_xlabel("training time (min, evaluation excluded)", fontsize=8)
+        ax.set_xlabel(xlabel, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
