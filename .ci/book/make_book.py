@@ -123,6 +123,11 @@ def prepare_chapter(source: Path, target: Path, available: list[str]) -> dict:
         if cell.cell_type == "markdown":
             cell.source = link_figure_mentions(cell.source, available)
         cells.append(cell)
+        if cell.cell_type == "code" and not is_widget_cell(cell):
+            # widgets drawn by library code (tqdm's notebook progress bar): keep their text fallback
+            for output in cell.outputs:
+                output.get("data", {}).pop("application/vnd.jupyter.widget-view+json", None)
+            cell.outputs = [o for o in cell.outputs if o.get("output_type") == "stream" or o.get("data")]
         if is_widget_cell(cell):
             cell.outputs = [
                 o for o in cell.outputs if "application/vnd.jupyter.widget-view+json" not in o.get("data", {})
