@@ -25,12 +25,9 @@ Variants, and the question each answers:
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 from pathlib import Path
 
-import torch
-from training_runs import RESULTS, ROOT, ensure_digits, run_and_summarise, train_command
+from training_runs import RESULTS, ROOT, ensure_digits, machine_description, run_and_summarise, train_command
 
 from detr_edu.logs import final_metrics, read_log
 
@@ -85,8 +82,7 @@ def write_table(args: argparse.Namespace) -> None:
     """``ablation.md`` from every variant's kept log (so a variant can be re-run alone)."""
     lines = [
         f"DINO (`dino_cpu`) ablations: {args.minutes:g} min of training each (evaluation excluded), one after "
-        f"the other on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads, {args.num_val} held-out val scenes, seed 42 "
+        f"the other on {machine_description()}, {args.num_val} held-out val scenes, seed 42 "
         "(43 for the second baseline). Command: `.venv/bin/python benchmarks/ablation.py "
         f"--minutes {args.minutes:g}` (or `--variants NAME ...` to re-run some; the table is rebuilt from "
         "`ablation/*.jsonl`). `AP @ N steps`: at the first evaluation (after 1.5 min), for comparing at "

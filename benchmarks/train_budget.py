@@ -17,12 +17,9 @@ before and after) is printed and written to ``benchmarks/results/train_budget.md
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 from pathlib import Path
 
-import torch
-from training_runs import RESULTS, ROOT, ensure_digits, run_and_summarise, train_command
+from training_runs import RESULTS, ROOT, ensure_digits, machine_description, run_and_summarise, train_command
 
 PRESETS = ("detr_cpu", "deformable_detr_cpu", "dino_cpu")
 
@@ -51,8 +48,7 @@ def main() -> None:
         rows.append({"preset": preset, **row})
     lines = [
         f"Training budget {args.minutes:g} min per model (evaluation excluded), run one after the other on "
-        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {args.num_val} held-out val scenes, 4,000 train scenes "
+        f"{machine_description()}, {args.num_val} held-out val scenes, 4,000 train scenes "
         f"(`coco_export --seed 0`), extra arguments: {args.extra or 'none'}.",
         "",
         "| preset | AP | AP50 | AR100 | steps | s/step | wall min | load avg (1/5/15 min) before -> after |",

@@ -4,12 +4,15 @@ wall-clock budget, keep its log, and summarise it as one table row."""
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+import torch
 
 from detr_edu.logs import final_metrics, read_log
 
@@ -61,3 +64,11 @@ def run_and_summarise(cmd: list[str], *, out: Path, keep_log_as: Path) -> dict:
     row = final_metrics(read_log(out / "log.jsonl"))
     row.update(wall_min=wall / 60.0, load=f"{load_before} -> {load_average()}")
     return row
+
+
+def machine_description() -> str:
+    """E.g. ``2 CPU cores (x86_64), torch 2.14.1, 2 threads``: the first line of every results table."""
+    return (
+        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
