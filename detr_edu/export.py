@@ -107,7 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--log", type=Path, help="the run's log.jsonl (final metrics are stored with the weights)")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
     args = p.parse_args(argv)
-    out = export_weights(args.checkpoint, args.out, log_path=args.log, dtype=getattr(torch, args.dtype))
+    try:
+        out = export_weights(args.checkpoint, args.out, log_path=args.log, dtype=getattr(torch, args.dtype))
+    except (FileNotFoundError, ValueError) as err:  # a missing or foreign file: a message, not a traceback
+        p.exit(2, f"detr_edu.export: error: {err}\n")
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     return 0
 

@@ -178,6 +178,17 @@ def apply_overrides(cfg: ModelConfig, items: Sequence[str]) -> ModelConfig:
             )
         if isinstance(value, list):
             value = tuple(value)
+        current = getattr(target, field_name)
+        expected = float if isinstance(current, float) else type(current)
+        numeric_ok = expected is float and type(value) is int  # 2 for 2.0
+        wrong = not (isinstance(value, expected) or numeric_ok) or (
+            expected is int and isinstance(value, bool)
+        )
+        if current is not None and wrong:
+            raise ValueError(
+                f"--model-set {key}={raw}: expected {expected.__name__} (like {json.dumps(current)}), "
+                f"got {type(value).__name__}"
+            )
         if target_name:
             cfg.backbone = dataclasses.replace(cfg.backbone, **{field_name: value})
         else:

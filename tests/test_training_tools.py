@@ -153,6 +153,11 @@ def test_export_errors(tmp_path: Path) -> None:
         load_weights(ckpt)  # a training checkpoint is not an exported file
     with pytest.raises(FileNotFoundError):
         load_weights(tmp_path / "nothing.pth")
+    from detr_edu.export import main as export_main
+
+    with pytest.raises(SystemExit) as exit_info:  # the CLI: a one-line message and status 2, no traceback
+        export_main(["--checkpoint", str(tmp_path / "nothing.pth"), "--out", str(tmp_path / "o.pth")])
+    assert exit_info.value.code == 2
 
 
 def test_model_set_overrides_and_errors() -> None:
@@ -163,7 +168,9 @@ def test_model_set_overrides_and_errors() -> None:
     assert (new.num_points, new.backbone.levels, new.weights_from, new.dn_number) == (16, (2,), "content", 0)
     assert (cfg.num_points, cfg.backbone.levels, cfg.weights_from) == (4, (2, 3, 4), "query")  # untouched
     for items, message in ((["nope=1"], "no field 'nope'"), (["backbone.nope=1"], "no field 'nope'"),
-                           (["num_points"], "KEY=VALUE"), (["decoder.x=1"], "only fields")):  # fmt: skip
+                           (["num_points"], "KEY=VALUE"), (["decoder.x=1"], "only fields"),
+                           (["num_points=abc"], "expected int"), (["num_points=true"], "expected int"),
+                           (["look_forward_twice=1"], "expected bool")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             train.apply_overrides(cfg, items)
     args = train.parse_args(
