@@ -96,7 +96,7 @@ def denoising_scores(model: DINO, images: torch.Tensor, targets: list) -> dict[s
     out = model(images, targets=targets)
     meta = out["dn_meta"]
     score = out["dn_outputs"]["pred_logits"].sigmoid().amax(-1)  # (B, Nd)
-    valid, positive = meta["valid"], meta["positive"][None].expand_as(meta["valid"])  # (B, Nd) each
+    valid, positive = meta.valid, meta.positive[None].expand_as(meta.valid)  # (B, Nd) each
     return {
         "score_positive": score[valid & positive].mean().item(),
         "score_negative": score[valid & ~positive].mean().item(),

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detr_edu.config import BackboneConfig
+from detr_edu.masks import valid_sizes
 
 __all__ = [
     "ResNetBackbone",
@@ -44,7 +45,6 @@ __all__ = [
     "Backbone",
     "FeatureMaps",
     "level_masks",
-    "valid_sizes",
     "check_images",
 ]
 
@@ -78,33 +78,6 @@ def check_images(images: Tensor, masks: Tensor | None = None, *, in_channels: in
         raise ValueError(f"masks must be (B, H, W) = {(B, H, W)} like the images, got {tuple(masks.shape)}")
     if masks.dtype != torch.bool:
         raise ValueError(f"masks must be bool (True = padding), got dtype {masks.dtype}")
-
-
-def valid_sizes(masks: Tensor) -> Tensor:
-    """Each image's valid (unpadded) size from a padding mask.
-
-    Images are padded at the bottom and right (the collate convention), so the valid region is the
-    top-left rectangle; anything else raises.
-
-    Args:
-        masks: (B, H, W) bool, True = padding.
-
-    Returns:
-        (B, 2) long: valid (h, w) of each image.
-    """
-    valid = ~masks  # (B, H, W)
-    h = valid[:, :, 0].sum(1)  # (B,) rows whose first pixel is valid
-    w = valid[:, 0, :].sum(1)  # (B,)
-    H, W = masks.shape[-2:]
-    rows = torch.arange(H, device=masks.device)[None, :, None] < h[:, None, None]  # (B, H, 1)
-    cols = torch.arange(W, device=masks.device)[None, None, :] < w[:, None, None]  # (B, 1, W)
-    if not torch.equal(valid, rows & cols):
-        raise ValueError("masks must pad images at the bottom/right only (valid region = top-left rectangle)")
-    if (h == 0).any() or (w == 0).any():
-        raise ValueError(
-            f"an image of the batch has no valid pixel (valid sizes h={h.tolist()}, w={w.tolist()})"
-        )
-    return torch.stack([h, w], dim=1)  # (B, 2)
 
 
 def level_masks(masks: Tensor, shapes: Sequence[tuple[int, int]], strides: Sequence[int]) -> list[Tensor]:

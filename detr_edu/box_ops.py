@@ -1,7 +1,8 @@
 """Box conversions and overlaps.
 
 Thin, validated wrappers around ``torchvision.ops`` (the library does the maths), plus
-``inverse_sigmoid``, which DETR-family box heads use to predict deltas in logit space.
+``inverse_sigmoid`` and :func:`apply_box_delta`, with which DETR-family box heads predict a box as
+a delta in logit space on top of a reference.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ __all__ = [
     "box_iou",
     "generalized_box_iou",
     "inverse_sigmoid",
+    "apply_box_delta",
     "check_boxes_xyxy",
 ]
 
@@ -72,3 +74,28 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     """logit(x), clamped so that 0 and 1 map to finite values: log(x / (1 - x))."""
     x = x.clamp(min=0.0, max=1.0)
     return torch.log(x.clamp(min=eps) / (1.0 - x).clamp(min=eps))
+
+
+def apply_box_delta(delta: Tensor, reference: Tensor) -> Tensor:
+    """The box a head predicts on top of a reference: ``sigmoid(delta + inverse_sigmoid(reference))``.
+
+    Deltas live in inverse-sigmoid (logit) space, so any delta gives a box inside [0, 1] and a zero
+    delta returns the reference. A 2-d reference (a point) only anchors the centre; the size is then
+    ``sigmoid(delta[..., 2:])`` (Deformable DETR's box head on point references).
+
+    Args:
+        delta: (..., 4) output of a box head.
+        reference: (..., 4) boxes or (..., 2) points, normalised, same leading shape.
+
+    Returns:
+        (..., 4) boxes cxcywh in [0, 1].
+    """
+    if delta.shape[-1] != 4 or reference.shape[-1] not in (2, 4) or delta.shape[:-1] != reference.shape[:-1]:
+        raise ValueError(
+            f"delta must be (..., 4) and reference (..., 2|4) with the same leading shape, got "
+            f"{tuple(delta.shape)} and {tuple(reference.shape)}"
+        )
+    if reference.shape[-1] == 4:
+        return (delta + inverse_sigmoid(reference)).sigmoid()  # (..., 4)
+    centre = delta[..., :2] + inverse_sigmoid(reference)  # (..., 2)
+    return torch.cat([centre, delta[..., 2:]], dim=-1).sigmoid()  # (..., 4)

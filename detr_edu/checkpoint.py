@@ -13,8 +13,10 @@ torch CPU and CUDA), the ``config`` (model and training settings as plain dicts)
   rebuilds tensors and plain containers -- a checkpoint from the internet cannot run code. So
   everything saved here is made of tensors, numbers, strings, lists, tuples and dicts (the NumPy
   RNG state's array is stored as a tensor for this reason).
-* **Exact resume**: with the RNG states restored, a resumed run draws the same random numbers as
-  an uninterrupted one (see ``tests/test_train_cli.py``).
+* **Exact resume**: with the RNG states restored -- the global ones, and every ``torch.Generator``
+  a module of the model owns (DINO's denoiser draws its noise from one, see
+  :func:`module_generators`) -- a resumed run draws the same random numbers as an uninterrupted
+  one and its losses are equal step by step (``tests/test_resume.py``, every CPU preset).
 
 Follows the torchvision detection reference (``references/detection/train.py``: model, optimizer,
 lr_scheduler, scaler, epoch) plus the RNG states it omits.
@@ -24,11 +26,13 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 __all__ = [
     "save_checkpoint",
@@ -36,6 +40,7 @@ __all__ = [
     "load_checkpoint",
     "rng_state",
     "set_rng_state",
+    "module_generators",
     "CHECKPOINT_KEYS",
 ]
 
@@ -52,8 +57,27 @@ CHECKPOINT_KEYS = (
 )
 
 
-def rng_state() -> dict[str, Any]:
-    """Every global random state a training step may draw from, in weights-only-loadable form."""
+def module_generators(model: nn.Module) -> dict[str, torch.Generator]:
+    """Every ``torch.Generator`` that a module of ``model`` holds as its ``generator`` attribute.
+
+    Keyed by the module's name (``"denoiser"`` for DINO's
+    :class:`~detr_edu.denoising.ContrastiveDenoising`). Such generators are neither parameters nor
+    buffers, so the state dict does not hold them; :func:`rng_state` does.
+    """
+    return {
+        name: module.generator
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "generator", None), torch.Generator)
+    }
+
+
+def rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """Every random state a training step may draw from, in weights-only-loadable form.
+
+    Args:
+        generators: the model's own generators (:func:`module_generators`), saved under
+            ``"generators"`` by name.
+    """
     np_state = np.random.get_state()  # ('MT19937', keys uint32 (624,), pos, has_gauss, cached)
     state: dict[str, Any] = {
         "python": random.getstate(),  # (version, tuple of 625 ints, gauss)
@@ -64,14 +88,28 @@ def rng_state() -> dict[str, Any]:
             "cached_gaussian": float(np_state[4]),
         },
         "torch": torch.get_rng_state(),  # uint8 tensor
+        "generators": {name: g.get_state() for name, g in (generators or {}).items()},  # uint8 tensors
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()  # one uint8 tensor per device
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned (CUDA states only if this process uses CUDA)."""
+def set_rng_state(state: dict[str, Any], generators: Mapping[str, torch.Generator] | None = None) -> None:
+    """Restore what :func:`rng_state` returned (CUDA states only if this process uses CUDA).
+
+    Args:
+        state: the saved states.
+        generators: the model's own generators (:func:`module_generators`); each must have a saved
+            state, else ``ValueError`` (the resumed run could not draw what the saved one would).
+    """
+    saved = state.get("generators", {})
+    missing = sorted(set(generators or {}) - set(saved))
+    if missing:
+        raise ValueError(
+            f"the checkpoint has no random state for the model's generators {missing} (it was written "
+            "before detr_edu saved them): resuming would not continue the run exactly"
+        )
     python = state["python"]
     # weights_only loading returns the inner tuple as a list; random.setstate needs tuples.
     random.setstate((python[0], tuple(python[1]), python[2]))
@@ -81,6 +119,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         ("MT19937", keys, np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"])
     )
     torch.set_rng_state(state["torch"])
+    for name, generator in (generators or {}).items():
+        generator.set_state(saved[name])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

@@ -1,4 +1,4 @@
-"""Model presets as plain dataclasses, and :func:`build_model`.
+"""Model presets as plain dataclasses (no model code: :func:`detr_edu.build.build_model` builds them).
 
 Two families:
 
@@ -21,16 +21,14 @@ Two families:
   a COCO loader that remaps ids to 0..79 sets it to 80.
 
 Configs are dataclasses so a preset can be edited with :func:`dataclasses.replace` and saved into a
-checkpoint with :func:`dataclasses.asdict`.
+checkpoint with :func:`dataclasses.asdict`. This module imports no other ``detr_edu`` module: every
+model imports its config from here, and :mod:`detr_edu.build` turns a config into a model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
-
-import torch
-from torch import nn
 
 __all__ = [
     "BackboneConfig",
@@ -40,7 +38,6 @@ __all__ = [
     "ModelConfig",
     "PRESET_NAMES",
     "get_preset",
-    "build_model",
     "config_from_dict",
 ]
 
@@ -121,8 +118,9 @@ class DINOConfig:
     """DINO (Zhang et al. 2022): two-stage, box refinement, mixed query selection, look forward twice.
 
     ``dn_number``, ``label_noise_ratio`` and ``box_noise_scale`` configure contrastive denoising
-    (chapter 07): :func:`build_model` attaches a :class:`detr_edu.denoising.ContrastiveDenoising`
-    built from them; ``dn_number=0`` builds DINO without denoising.
+    (chapter 07): :func:`detr_edu.build.build_model` gives DINO a
+    :class:`detr_edu.denoising.ContrastiveDenoising` built from them; ``dn_number=0`` builds DINO
+    without denoising.
     """
 
     num_classes: int = 91
@@ -208,34 +206,3 @@ def config_from_dict(data: dict) -> ModelConfig:
         raise ValueError(f"data['model'] must be one of {sorted(kinds)}, got {kind!r}")
     backbone = BackboneConfig(**data.pop("backbone"))
     return kinds[kind](**data, backbone=backbone)
-
-
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """Instantiate the model a config describes (DETR, DeformableDETR or DINO).
-
-    DINO gets its contrastive-denoising generator (chapter 07) when ``cfg.dn_number > 0``; it is
-    used in training mode when the forward pass is given the targets.
-    """
-    # imported here so that ``config`` stays importable without the models (and without cycles)
-    from detr_edu.deformable_detr import DeformableDETR
-    from detr_edu.denoising import ContrastiveDenoising
-    from detr_edu.detr import DETR
-    from detr_edu.dino import DINO
-
-    if isinstance(cfg, DETRConfig):
-        return DETR.from_config(cfg)
-    if isinstance(cfg, DeformableDETRConfig):
-        return DeformableDETR.from_config(cfg)
-    if isinstance(cfg, DINOConfig):
-        if cfg.dn_number < 0:
-            raise ValueError(f"dn_number must be >= 0 (0 = no denoising), got {cfg.dn_number}")
-        model = DINO.from_config(cfg)
-        if cfg.dn_number > 0:
-            # built after the model and with the global RNG restored afterwards, so that the model's
-            # weights and every later random draw are the same with or without denoising
-            with torch.random.fork_rng(devices=[]):
-                model.denoiser = ContrastiveDenoising.from_config(cfg)
-        return model
-    raise ValueError(
-        f"cfg must be a DETRConfig, DeformableDETRConfig or DINOConfig, got {type(cfg).__name__}"
-    )

@@ -2,7 +2,7 @@
 
 Follows DETR (Carion et al., 2020, §3.1 and ``models/detr.py``'s ``SetCriterion``), Deformable DETR
 (Zhu et al., 2021: sigmoid focal classification, two-stage encoder losses) and DINO (Zhang et al.,
-2022), written from the papers and the study note (``DIGEST.md`` §4.2-4.5), not copied.
+2022), written from the papers and the study note "DETR Series 2.0" (§4.2-4.5), not copied.
 
 For every set of predictions (the last decoder layer, each earlier decoder layer, the encoder's
 two-stage proposals) the criterion
@@ -27,7 +27,8 @@ is one more method calling :meth:`layer_losses`, and one more ``losses.update(..
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,9 @@ from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
 from detr_edu import box_ops
+from detr_edu.denoising import DenoisingMeta
+from detr_edu.errors import NonFiniteLossError
+from detr_edu.targets import check_targets
 
 __all__ = ["SetCriterion", "num_boxes_for_loss", "weighted_total", "weight_of", "LOSS_NAMES"]
 
@@ -42,7 +46,18 @@ __all__ = ["SetCriterion", "num_boxes_for_loss", "weighted_total", "weight_of", 
 LOSS_NAMES = ("loss_class", "loss_bbox", "loss_giou")
 
 Indices = list[tuple[Tensor, Tensor]]
-Matcher = Callable[[Mapping[str, Tensor], Sequence[Mapping[str, Tensor]]], Indices]
+
+
+class Matcher(Protocol):
+    """``matcher(outputs, targets, validate=False) -> indices``, e.g. :class:`~detr_edu.matcher.HungarianMatcher`.
+
+    The criterion validates predictions and targets once per call and asks the matcher not to
+    check them again (``validate=False``).
+    """
+
+    def __call__(
+        self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]], *, validate: bool
+    ) -> Indices: ...
 
 
 def _at_least_float32(x: Tensor) -> Tensor:
@@ -180,29 +195,6 @@ class SetCriterion(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # Validation at the boundary
     # ----------------------------------------------------------------------------------------------
-    def _check_targets(self, targets: Sequence[Mapping[str, Tensor]]) -> None:
-        for i, t in enumerate(targets):
-            missing = [k for k in ("labels", "boxes") if k not in t]
-            if missing:
-                raise ValueError(f"targets[{i}] is missing {missing}; it has keys {sorted(t)}")
-            labels, boxes = t["labels"], t["boxes"]
-            if labels.dim() != 1 or labels.dtype != torch.int64:
-                raise ValueError(
-                    f"targets[{i}]['labels'] must be int64 of shape (G,), got {labels.dtype} {tuple(labels.shape)}"
-                )
-            if boxes.shape != (labels.shape[0], 4):
-                raise ValueError(
-                    f"targets[{i}]['boxes'] must have shape (G, 4) = ({labels.shape[0]}, 4) to match its "
-                    f"labels, got {tuple(boxes.shape)}"
-                )
-            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-                raise ValueError(
-                    f"targets[{i}]['labels'] must lie in [0, num_classes={self.num_classes}), got ids "
-                    f"{sorted(set(labels.tolist()))}"
-                )
-            if not torch.isfinite(boxes).all():
-                raise ValueError(f"targets[{i}]['boxes'] contains non-finite values")
-
     def _check_layer(
         self, layer_outputs: Mapping[str, Tensor], num_images: int, where: str, binary: bool
     ) -> None:
@@ -222,7 +214,7 @@ class SetCriterion(nn.Module):
             )
         for name, value in (("pred_logits", logits), ("pred_boxes", boxes)):
             if not torch.isfinite(value).all():  # before matching: the matcher would fail obscurely
-                raise ValueError(f"{where}: {name} contains NaN or inf (diverged training?)")
+                raise NonFiniteLossError(f"{where}: {name} contains NaN or inf (diverged training?)")
         if logits.shape[0] != num_images:
             raise ValueError(f"{where} has a batch of {logits.shape[0]} but there are {num_images} targets")
         extra = 1 if self.class_loss == "ce" else 0  # CE keeps a "no object" column
@@ -374,8 +366,14 @@ class SetCriterion(nn.Module):
     ) -> dict[str, Tensor]:
         """Match ``layer_outputs`` to ``targets`` with the matcher, then :meth:`layer_losses`."""
         where = f"outputs{suffix or ' (last layer)'}"
+        num_queries, most = layer_outputs["pred_logits"].shape[1], max(len(t["labels"]) for t in targets)
+        if most > num_queries:
+            raise ValueError(
+                f"{where}: an image has {most} targets but there are only {num_queries} queries: a "
+                "one-to-one matching needs at least as many queries as targets"
+            )
         with torch.no_grad():  # matching picks pairs; it is not differentiated
-            indices = self.matcher(layer_outputs, targets)
+            indices = self.matcher(layer_outputs, targets, validate=False)  # checked once in forward
         self._check_indices(indices, layer_outputs, targets, where)
         return self.layer_losses(layer_outputs, targets, indices, num_boxes, suffix)
 
@@ -383,12 +381,12 @@ class SetCriterion(nn.Module):
         self,
         dn_outputs: Mapping[str, object],
         targets: Sequence[Mapping[str, Tensor]],
-        dn_meta: Mapping[str, object],
+        dn_meta: DenoisingMeta,
         num_boxes: float,
     ) -> dict[str, Tensor]:
         """DINO's contrastive denoising losses (chapter 07; DN-DETR, DINO sec. 3.3; note §4.5).
 
-        No matcher: every positive denoising query knows its target (``dn_meta["indices"]``, the same
+        No matcher: every positive denoising query knows its target (``dn_meta.indices``, the same
         for every decoder layer). The positives are trained towards their box and label; the
         negatives (and, with ``dn_padding_in_loss``, the padded queries) towards "no object". The
         normaliser is ``num_boxes * groups``: each target is reconstructed once per group.
@@ -396,7 +394,7 @@ class SetCriterion(nn.Module):
         Args:
             dn_outputs: ``pred_logits`` (B, Nd, K), ``pred_boxes`` (B, Nd, 4) and ``aux_outputs``.
             targets: the batch's targets.
-            dn_meta: :class:`detr_edu.denoising.ContrastiveDenoising`'s meta (``indices``,
+            dn_meta: the batch's :class:`~detr_edu.denoising.DenoisingMeta` (``indices``,
                 ``groups``, ``valid``).
             num_boxes: the matching losses' normaliser.
 
@@ -404,11 +402,10 @@ class SetCriterion(nn.Module):
             ``loss_class_dn``, ``loss_bbox_dn``, ``loss_giou_dn`` and the same with ``_dn_0``,
             ``_dn_1``, ... for the earlier decoder layers.
         """
-        missing = [k for k in ("indices", "groups", "valid") if k not in dn_meta]
-        if missing:
-            raise ValueError(f"dn_meta is missing {missing}; it has keys {sorted(dn_meta)}")
-        indices, groups = dn_meta["indices"], int(dn_meta["groups"])
-        query_mask = None if self.dn_padding_in_loss else dn_meta["valid"]  # (B, Nd) or None
+        if not isinstance(dn_meta, DenoisingMeta):
+            raise ValueError(f"dn_meta must be a DenoisingMeta, got {type(dn_meta).__name__}")
+        indices, groups = dn_meta.indices, dn_meta.groups
+        query_mask = None if self.dn_padding_in_loss else dn_meta.valid  # (B, Nd) or None
         layers = [(dn_outputs, "_dn")]
         if self.aux_loss:
             layers += [(aux, f"_dn_{i}") for i, aux in enumerate(dn_outputs.get("aux_outputs", []))]
@@ -441,7 +438,7 @@ class SetCriterion(nn.Module):
         """
         if len(targets) == 0:
             raise ValueError("targets is empty: need one dict per image (an image may have no boxes)")
-        self._check_targets(targets)
+        check_targets(targets, num_classes=self.num_classes)
         self._check_layer(outputs, len(targets), "outputs", binary=False)
         aux_outputs = outputs.get("aux_outputs", []) if self.aux_loss else []
         for i, aux in enumerate(aux_outputs):
@@ -469,9 +466,10 @@ class SetCriterion(nn.Module):
                 self.denoising_losses(outputs["dn_outputs"], targets, outputs["dn_meta"], num_boxes)
             )
 
-        not_finite = sorted(k for k, v in losses.items() if not torch.isfinite(v))
-        if not_finite:
-            raise ValueError(
+        finite = torch.isfinite(torch.stack(list(losses.values())))  # one check for every term
+        if not finite.all():
+            not_finite = sorted(k for k, ok in zip(losses, finite.tolist(), strict=True) if not ok)
+            raise NonFiniteLossError(
                 f"non-finite losses {not_finite}: the predictions are finite but the loss overflowed "
                 "(huge logits? a learning rate far too high?)"
             )

@@ -39,7 +39,6 @@ __all__ = [
     "deformable_sampling",
     "deformable_sampling_naive",
     "deformable_samples",
-    "flatten_levels",
     "level_start_index_from_shapes",
     "offsets_to_locations",
     "MultiScaleDeformableAttention",
@@ -223,30 +222,6 @@ def level_start_index_from_shapes(spatial_shapes: Tensor) -> Tensor:
     """Index of each level's first token in the flattened sequence: (L,) long, starting at 0."""
     areas = spatial_shapes[:, 0] * spatial_shapes[:, 1]  # (L,)
     return torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]]).long()  # (L,)
-
-
-def flatten_levels(features: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """Flatten a feature pyramid into one token sequence, as the deformable encoder consumes it.
-
-    Args:
-        features: L maps of shape (B, C, H_l, W_l), same B and C.
-
-    Returns:
-        ``(value (B, Nv, C), spatial_shapes (L, 2) long (H, W), level_start_index (L,) long)``,
-        each level flattened row-major (token index = row * W_l + column) and concatenated.
-    """
-    if not features:
-        raise ValueError("features must hold at least one level")
-    B, C = features[0].shape[:2]
-    for lvl, f in enumerate(features):
-        if f.dim() != 4 or f.shape[:2] != (B, C):
-            raise ValueError(
-                f"level {lvl} has shape {tuple(f.shape)}; every level must be (B={B}, C={C}, H, W)"
-            )
-    device = features[0].device
-    spatial_shapes = torch.tensor([f.shape[-2:] for f in features], dtype=torch.long, device=device)  # (L, 2)
-    value = torch.cat([f.flatten(2).transpose(1, 2) for f in features], dim=1)  # (B, Nv, C)
-    return value, spatial_shapes, level_start_index_from_shapes(spatial_shapes)
 
 
 def offsets_to_locations(reference_points: Tensor, offsets: Tensor, spatial_shapes: Tensor) -> Tensor:

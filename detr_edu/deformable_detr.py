@@ -5,7 +5,8 @@ The forward pass, as the source note lists it (DIGEST sec. 2.2), one line each i
 
 1. backbone + neck: L levels (B, C, H_l, W_l) and their padding masks (:mod:`detr_edu.backbone`);
 2. sine positions of each level (pixel-centre convention, ``offset=-0.5``) plus a learnable
-   level embedding, all flattened into one sequence (:class:`MultiScaleEncoder`);
+   level embedding, all flattened into one sequence
+   (:class:`~detr_edu.deformable_transformer.MultiScaleEncoder`, shared with DINO);
 3. the deformable encoder: every pixel attends to P points per level around itself;
 4. initial queries and reference points:
 
@@ -24,90 +25,16 @@ Outputs: ``pred_logits``, ``pred_boxes``, ``aux_outputs``, and ``enc_outputs`` w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import Tensor, nn
 
 from detr_edu.backbone import Backbone, FeatureMaps
 from detr_edu.config import DeformableDETRConfig
-from detr_edu.deformable_transformer import DeformableDecoder, DeformableEncoder, FlatLevels, flatten_levels
+from detr_edu.deformable_transformer import DeformableDecoder, MultiScaleEncoder
 from detr_edu.heads import PredictionHeads
-from detr_edu.position import LevelEmbedding, box_sine_embedding, sine_position_embedding
+from detr_edu.position import box_sine_embedding
 from detr_edu.two_stage import TwoStageOutput, TwoStageProposer
 
-__all__ = ["MultiScaleEncoder", "EncoderOutput", "DeformableDETR"]
-
-
-@dataclass
-class EncoderOutput:
-    """What :class:`MultiScaleEncoder` returns.
-
-    Attributes:
-        flat: the flattened pyramid (src, mask, pos, spatial_shapes, level_start_index, valid_ratios).
-        memory: (B, Nv, C) encoder output.
-    """
-
-    flat: FlatLevels
-    memory: Tensor
-
-
-class MultiScaleEncoder(nn.Module):
-    """Positions + level embedding + flattening + deformable encoder (shared by Deformable DETR and DINO).
-
-    Args:
-        num_levels: L.
-        embed_dim: C.
-        num_heads, num_layers, num_points, weights_from, feedforward_dim, dropout: of the encoder.
-    """
-
-    def __init__(
-        self,
-        *,
-        num_levels: int,
-        embed_dim: int,
-        num_heads: int,
-        num_layers: int,
-        num_points: int,
-        weights_from: str = "query",
-        feedforward_dim: int,
-        dropout: float,
-    ) -> None:
-        super().__init__()
-        self.level_embed = LevelEmbedding(num_levels=num_levels, embed_dim=embed_dim)
-        self.encoder = DeformableEncoder(
-            num_layers=num_layers,
-            embed_dim=embed_dim,
-            num_heads=num_heads,
-            num_levels=num_levels,
-            num_points=num_points,
-            weights_from=weights_from,
-            feedforward_dim=feedforward_dim,
-            dropout=dropout,
-        )
-        self.embed_dim = embed_dim
-        self.num_levels = num_levels
-
-    def forward(self, feature_maps: FeatureMaps) -> EncoderOutput:
-        """L levels (B, C, H_l, W_l) + masks -> flattened pyramid and memory (B, Nv, C)."""
-        if len(feature_maps.features) != self.num_levels:
-            raise ValueError(f"expected {self.num_levels} feature levels, got {len(feature_maps.features)}")
-        pos = [
-            # pixel-centre sine positions of the unpadded image (Deformable DETR's convention)
-            sine_position_embedding(m, num_pos_feats=self.embed_dim // 2, normalize=True, offset=-0.5)
-            for m in feature_maps.masks
-        ]  # L x (B, C, H_l, W_l)
-        flat = flatten_levels(
-            feature_maps.features, feature_maps.masks, pos, level_embed=self.level_embed.weight
-        )
-        memory = self.encoder(
-            flat.src,
-            pos=flat.pos,
-            key_padding_mask=flat.mask,
-            spatial_shapes=flat.spatial_shapes,
-            level_start_index=flat.level_start_index,
-            valid_ratios=flat.valid_ratios,
-        )  # (B, Nv, C)
-        return EncoderOutput(flat=flat, memory=memory)
+__all__ = ["DeformableDETR"]
 
 
 class DeformableDETR(nn.Module):
@@ -211,9 +138,20 @@ class DeformableDETR(nn.Module):
         )
 
     def forward(
-        self, images: Tensor, masks: Tensor | None = None, *, return_intermediates: bool = False
+        self,
+        images: Tensor,
+        masks: Tensor | None = None,
+        *,
+        targets: list[dict] | None = None,
+        return_intermediates: bool = False,
     ) -> dict:
         """images (B, 3, H, W), masks (B, H, W) bool True = padding (None: no padding) -> outputs.
+
+        Args:
+            images, masks: the padded batch.
+            targets: accepted so that every model is called the same way in training
+                (``model(images, masks, targets=targets)``); Deformable DETR does not use them.
+            return_intermediates: add ``intermediates`` (see :meth:`forward_features`).
 
         Returns:
             ``pred_logits`` (B, Nq, K), ``pred_boxes`` (B, Nq, 4) cxcywh, ``aux_outputs`` (earlier
@@ -236,9 +174,8 @@ class DeformableDETR(nn.Module):
         first: TwoStageOutput | None = None
         if self.two_stage:
             first = self.proposer(memory, flat.mask, flat.spatial_shapes)
-            reference = (
-                first.topk_boxes_cxcywh.detach()
-            )  # (B, Nq, 4) the first stage is not trained through here
+            # the first stage is not trained through the decoder's reference boxes
+            reference = first.topk_boxes_cxcywh.detach()  # (B, Nq, 4)
             sine = box_sine_embedding(reference, num_pos_feats=self.embed_dim // 2)  # (B, Nq, 2C)
             query_pos, query = self.pos_trans_norm(self.pos_trans(sine)).split(
                 self.embed_dim, dim=-1
@@ -260,7 +197,8 @@ class DeformableDETR(nn.Module):
             bbox_embed=self.heads.bbox_embed if self.box_refine else None,  # Deformable DETR: box refinement
             return_sampling=return_intermediates,
         )
-        inter_states, inter_references = decoded[0], decoded[1]  # (Ld, B, Nq, C), (Ld, B, Nq, 2|4)
+        inter_states = decoded.inter_states  # (Ld, B, Nq, C)
+        inter_references = decoded.inter_references  # (Ld, B, Nq, 2|4)
         out = self.heads(inter_states, list(inter_references))
         if first is not None:
             out["enc_outputs"] = first.enc_outputs()
@@ -271,7 +209,7 @@ class DeformableDETR(nn.Module):
                 "inter_states": inter_states,
                 "init_reference": reference,
                 "inter_references": inter_references,
-                "sampling": decoded[2],
+                "sampling": decoded.sampling,
                 "enc_state": first,
                 "enc_reference": reference if first is not None else None,
             }

@@ -4,7 +4,13 @@ DN-DETR (Li et al., 2022) feeds the decoder noised copies of the ground truth as
 trains it to reconstruct the originals; DINO (Zhang et al., 2022, sec. 3.3) makes it *contrastive*:
 every ground-truth box gets a **positive** copy (small noise, trained to reconstruct the box and
 label) and a **negative** copy (larger noise, trained to say "no object"). Written from the papers
-and the study note (``DIGEST.md`` §3 and §4.5), not copied from an implementation.
+and the study note "DETR Series 2.0" (§3 and §4.5), not copied from an implementation.
+
+This module owns everything of contrastive denoising: the noised targets, the queries and their
+attention mask (:class:`DenoisingQueries`), the bookkeeping the loss needs (:class:`DenoisingMeta`)
+and the split of the decoder's outputs (:func:`split_outputs`). DINO (:mod:`detr_edu.dino`) only
+concatenates the queries in front of its own and calls :func:`split_outputs`; the loss
+(:meth:`detr_edu.criterion.SetCriterion.denoising_losses`) reads the :class:`DenoisingMeta`.
 
 Layout of the Nd = 2 * groups * pad_size denoising queries of a batch (they come *before* the Nq
 matching queries, see :mod:`detr_edu.dino`)::
@@ -36,14 +42,19 @@ queries, and nothing else; the matching queries see only each other (:func:`deno
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from detr_edu.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
-from detr_edu.dino import DenoisingQueries
+from detr_edu.config import DINOConfig
 
 __all__ = [
+    "DenoisingMeta",
+    "DenoisingQueries",
+    "Denoiser",
+    "split_outputs",
     "NoisedTargets",
     "ContrastiveDenoising",
     "denoising_groups",
@@ -53,6 +64,78 @@ __all__ = [
     "denoising_attn_mask",
     "denoising_indices",
 ]
+
+
+@dataclass
+class DenoisingMeta:
+    """What the denoising loss needs to know about a batch's denoising queries.
+
+    Attributes:
+        groups: number of groups.
+        pad_size: queries per half-group (the largest target count of an image of the batch).
+        num_dn: Nd = 2 * groups * pad_size, the number of denoising queries.
+        indices: per image ``(query_idx, target_idx)`` int64 of the positive queries: the loss's
+            fixed "matching" (the same for every decoder layer).
+        valid: (B, Nd) bool, False for padded queries.
+        positive: (Nd,) bool, True for the positive half of each group.
+    """
+
+    groups: int
+    pad_size: int
+    num_dn: int
+    indices: list[tuple[Tensor, Tensor]]
+    valid: Tensor
+    positive: Tensor
+
+
+@dataclass
+class DenoisingQueries:
+    """Extra decoder queries that know the answer, put before the Nq matching queries.
+
+    Attributes:
+        content: (B, Nd, C) content of the denoising queries (label embeddings).
+        boxes_cxcywh: (B, Nd, 4) their reference boxes (noised ground truth), normalised.
+        attn_mask: (Nd + Nq, Nd + Nq) bool, True = blocked, denoising queries first.
+        meta: what the loss needs (:class:`DenoisingMeta`); DINO passes it on as
+            ``outputs["dn_meta"]``.
+    """
+
+    content: Tensor
+    boxes_cxcywh: Tensor
+    attn_mask: Tensor
+    meta: DenoisingMeta
+
+    @property
+    def num_queries(self) -> int:
+        return self.content.shape[1]
+
+
+class Denoiser(Protocol):
+    """What DINO calls in training: ``denoiser(targets, num_queries=Nq) -> DenoisingQueries | None``.
+
+    It returns ``None`` when denoising is off for this batch (e.g. no targets at all).
+    """
+
+    def __call__(self, targets: list[dict], *, num_queries: int) -> DenoisingQueries | None: ...
+
+
+def split_outputs(outputs: dict, num_dn: int) -> tuple[dict, dict]:
+    """Split per-query outputs into (denoising part: first ``num_dn`` queries, matching part: the rest).
+
+    Applied to ``pred_logits``, ``pred_boxes`` and each entry of ``aux_outputs``.
+    """
+
+    def split(layer: dict) -> tuple[dict, dict]:
+        dn = {k: layer[k][:, :num_dn] for k in ("pred_logits", "pred_boxes")}  # (B, Nd, .)
+        match = {k: layer[k][:, num_dn:] for k in ("pred_logits", "pred_boxes")}  # (B, Nq, .)
+        return dn, match
+
+    dn, match = split(outputs)
+    aux = [split(a) for a in outputs.get("aux_outputs", [])]
+    dn["aux_outputs"] = [a[0] for a in aux]
+    match["aux_outputs"] = [a[1] for a in aux]
+    return dn, match
+
 
 # Reference box of a padded denoising query: sigmoid(0) in every coordinate (the reference code
 # leaves padding at zero in logit space).
@@ -301,7 +384,9 @@ class ContrastiveDenoising(nn.Module):
     """DINO's denoising-query generator; the ``denoiser`` that :class:`detr_edu.dino.DINO` calls.
 
     Holds the label embedding (the content of a denoising query is the embedding of its noised
-    label) and a seeded generator for the noise.
+    label) and a seeded generator for the noise. The generator's state is part of a training
+    checkpoint (:func:`detr_edu.checkpoint.module_generators` finds it), so a resumed run draws the
+    same noise as an uninterrupted one.
 
     Args:
         num_classes: K.
@@ -339,7 +424,7 @@ class ContrastiveDenoising(nn.Module):
         self.generator = torch.Generator().manual_seed(seed)
 
     @classmethod
-    def from_config(cls, cfg, *, seed: int = 0) -> ContrastiveDenoising:
+    def from_config(cls, cfg: DINOConfig, *, seed: int = 0) -> ContrastiveDenoising:
         """From a :class:`detr_edu.config.DINOConfig` (``dn_number``, ``label_noise_ratio``, ...)."""
         return cls(
             num_classes=cfg.num_classes,
@@ -349,6 +434,10 @@ class ContrastiveDenoising(nn.Module):
             box_noise_scale=cfg.box_noise_scale,
             seed=seed,
         )
+
+    def reset_parameters(self) -> None:
+        """Re-draw the label embedding from the global generator (``nn.Embedding``'s own init)."""
+        self.label_embed.reset_parameters()
 
     def extra_repr(self) -> str:
         return (
@@ -364,9 +453,7 @@ class ContrastiveDenoising(nn.Module):
             num_queries: Nq matching queries (for the size of the attention mask).
 
         Returns:
-            :class:`~detr_edu.dino.DenoisingQueries` with ``meta``: ``groups``, ``pad_size``,
-            ``num_dn`` (Nd), ``indices`` (fixed positive pairs), ``valid`` (B, Nd) bool and
-            ``positive`` (Nd,) bool.
+            :class:`DenoisingQueries` whose ``meta`` is a :class:`DenoisingMeta`.
         """
         noised = make_noised_targets(
             targets,
@@ -387,12 +474,12 @@ class ContrastiveDenoising(nn.Module):
             attn_mask=denoising_attn_mask(
                 groups=noised.groups, pad_size=noised.pad_size, num_queries=num_queries, device=weight.device
             ),  # (Nd + Nq, Nd + Nq)
-            meta={
-                "groups": noised.groups,
-                "pad_size": noised.pad_size,
-                "num_dn": noised.num_queries,
-                "indices": noised.indices,
-                "valid": noised.valid,
-                "positive": noised.positive,
-            },
+            meta=DenoisingMeta(
+                groups=noised.groups,
+                pad_size=noised.pad_size,
+                num_dn=noised.num_queries,
+                indices=noised.indices,
+                valid=noised.valid,
+                positive=noised.positive,
+            ),
         )

@@ -107,8 +107,13 @@ class DETR(nn.Module):
             no_object_class=cfg.no_object_class,
         )
 
-    def forward(self, images: Tensor, masks: Tensor | None = None) -> dict:
+    def forward(
+        self, images: Tensor, masks: Tensor | None = None, *, targets: list[dict] | None = None
+    ) -> dict:
         """images (B, 3, H, W), masks (B, H, W) bool True = padding (None: no padding) -> outputs.
+
+        ``targets`` is accepted so that every model is called the same way in training
+        (``model(images, masks, targets=targets)``); DETR does not use them.
 
         Returns:
             ``{"pred_logits": (B, Nq, K), "pred_boxes": (B, Nq, 4) cxcywh, "aux_outputs": [...]}``

@@ -1,7 +1,7 @@
 """DINO (Zhang et al. 2022, "DINO: DETR with Improved DeNoising Anchor Boxes"), from the course's blocks.
 
 What DINO keeps from Deformable DETR: the backbone and neck, the multi-scale deformable encoder
-(:class:`~detr_edu.deformable_detr.MultiScaleEncoder`), two-stage proposals and box refinement.
+(:class:`~detr_edu.deformable_transformer.MultiScaleEncoder`, shared with Deformable DETR), two-stage proposals and box refinement.
 What it adds, each a few lines of :meth:`DINO.forward_features`:
 
 * **Mixed query selection** (sec. 3.4): the top-K encoder proposals give the decoder its reference
@@ -13,84 +13,37 @@ What it adds, each a few lines of :meth:`DINO.forward_features`:
   from its current reference box (:class:`~detr_edu.position.QueryPositionFromBox`).
 * **Look forward twice** (sec. 3.5): layer i's box loss also trains layer i - 1 through the
   undetached previous box (:class:`~detr_edu.deformable_transformer.DeformableDecoder`).
-* **Contrastive denoising** (sec. 3.3) plugs in through :class:`DenoisingQueries`, built by
-  :class:`detr_edu.denoising.ContrastiveDenoising` (chapter 07).
+* **Contrastive denoising** (sec. 3.3) plugs in through
+  :class:`~detr_edu.denoising.DenoisingQueries`, built by
+  :class:`detr_edu.denoising.ContrastiveDenoising` (chapter 07); everything of denoising lives in
+  :mod:`detr_edu.denoising`.
 
 The denoising hook. ``forward(images, masks, targets=targets)`` asks ``self.denoiser`` (a module
-given at construction, chapter 07's generator, only in training mode) for a :class:`DenoisingQueries`;
+given at construction, chapter 07's generator, only in training mode) for a
+:class:`~detr_edu.denoising.DenoisingQueries`;
 a caller can also pass ``denoising=`` directly (e.g. to perturb the denoising queries). The Nd
 denoising queries are put *before* the Nq matching queries: their content and reference boxes are
 concatenated, the decoder's self-attention uses ``attn_mask`` ((Nd + Nq)^2, True = blocked), and the
 outputs are split again -- the last Nq rows are the usual outputs, the first Nd rows go to
-``outputs["dn_outputs"]`` (same keys, with its own ``aux_outputs``) and ``denoising.meta`` to
-``outputs["dn_meta"]`` for the loss.
+``outputs["dn_outputs"]`` (same keys, with its own ``aux_outputs``) and ``denoising.meta`` (a
+:class:`~detr_edu.denoising.DenoisingMeta`) to ``outputs["dn_meta"]`` for the loss.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from detr_edu.backbone import Backbone, FeatureMaps
 from detr_edu.config import DINOConfig
-from detr_edu.deformable_detr import MultiScaleEncoder
-from detr_edu.deformable_transformer import DeformableDecoder
+from detr_edu.deformable_transformer import DeformableDecoder, MultiScaleEncoder
+from detr_edu.denoising import DenoisingQueries, split_outputs
 from detr_edu.heads import PredictionHeads
 from detr_edu.position import QueryPositionFromBox
+from detr_edu.targets import check_targets
 from detr_edu.two_stage import TwoStageProposer
 
-__all__ = ["DINO", "DenoisingQueries", "Denoiser", "split_outputs"]
-
-
-@dataclass
-class DenoisingQueries:
-    """Extra decoder queries that know the answer (chapter 07 builds them).
-
-    Attributes:
-        content: (B, Nd, C) content of the denoising queries (label embeddings).
-        boxes_cxcywh: (B, Nd, 4) their reference boxes (noised ground truth), normalised.
-        attn_mask: (Nd + Nq, Nd + Nq) bool, True = blocked, denoising queries first.
-        meta: anything the loss needs (group count, padding size, ...), passed to ``dn_meta``.
-    """
-
-    content: Tensor
-    boxes_cxcywh: Tensor
-    attn_mask: Tensor
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def num_queries(self) -> int:
-        return self.content.shape[1]
-
-
-class Denoiser(Protocol):
-    """What DINO calls in training: ``denoiser(targets, num_queries=Nq) -> DenoisingQueries | None``.
-
-    It returns ``None`` when denoising is off for this batch (e.g. no targets at all).
-    """
-
-    def __call__(self, targets: list[dict], *, num_queries: int) -> DenoisingQueries | None: ...
-
-
-def split_outputs(outputs: dict, num_dn: int) -> tuple[dict, dict]:
-    """Split per-query outputs into (denoising part: first ``num_dn`` queries, matching part: the rest).
-
-    Applied to ``pred_logits``, ``pred_boxes`` and each entry of ``aux_outputs``.
-    """
-
-    def split(layer: dict) -> tuple[dict, dict]:
-        dn = {k: layer[k][:, :num_dn] for k in ("pred_logits", "pred_boxes")}  # (B, Nd, .)
-        match = {k: layer[k][:, num_dn:] for k in ("pred_logits", "pred_boxes")}  # (B, Nq, .)
-        return dn, match
-
-    dn, match = split(outputs)
-    aux = [split(a) for a in outputs.get("aux_outputs", [])]
-    dn["aux_outputs"] = [a[0] for a in aux]
-    match["aux_outputs"] = [a[1] for a in aux]
-    return dn, match
+__all__ = ["DINO"]
 
 
 class DINO(nn.Module):
@@ -223,6 +176,8 @@ class DINO(nn.Module):
         """
         feature_maps = self.backbone(images, masks)
         if denoising is None and targets is not None and self.denoiser is not None and self.training:
+            # the label embedding would fail deep inside F.embedding on an id outside [0, K)
+            check_targets(targets, num_classes=self.num_classes)
             denoising = self.denoiser(targets, num_queries=self.num_queries)
         return self.forward_features(
             feature_maps, denoising=denoising, return_intermediates=return_intermediates
@@ -274,7 +229,8 @@ class DINO(nn.Module):
             query_pos_from_ref=self.query_pos_head,
             return_sampling=return_intermediates,
         )
-        inter_states, inter_references = decoded[0], decoded[1]  # (Ld, B, Nd + Nq, C), (Ld, B, Nd + Nq, 4)
+        inter_states = decoded.inter_states  # (Ld, B, Nd + Nq, C)
+        inter_references = decoded.inter_references  # (Ld, B, Nd + Nq, 4)
         out = self.heads(inter_states, list(inter_references))
         if denoising is not None:
             dn_out, out = split_outputs(out, num_dn)
@@ -290,7 +246,7 @@ class DINO(nn.Module):
                 "init_reference": reference,
                 "inter_states": inter_states,
                 "inter_references": inter_references,
-                "sampling": decoded[2],
+                "sampling": decoded.sampling,
             }
         return out
 

@@ -8,8 +8,10 @@ holds what happens to one batch, as in DETR's ``engine.py``:
 3. a finite-loss check that names the term that is not finite,
 4. backward (through a ``GradScaler`` for fp16), gradient-norm clipping, AdamW step.
 
-DINO is called with the targets (``model(images, masks, targets=...)``): that is where chapter
-07's denoising queries are built from the ground truth; the other models take images only.
+Every model is called the same way, ``model(images, masks, targets=...)``: DINO builds chapter 07's
+denoising queries from the targets (in training mode), DETR and Deformable DETR ignore them, so
+nothing here needs to know which model it trains. A non-finite prediction or loss is a
+:class:`~detr_edu.errors.NonFiniteLossError`, raised where it is detected and caught by type.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from torch import Tensor, nn
 from detr_edu.coco_eval import CocoEvaluator
 from detr_edu.data import Batch
 from detr_edu.distributed import reduce_mean
+from detr_edu.errors import NonFiniteLossError
 from detr_edu.postprocess import postprocess
 
 __all__ = [
-    "NonFiniteLossError",
     "WarmupStepSchedule",
     "autocast",
     "unwrap",
@@ -35,10 +37,6 @@ __all__ = [
     "train_step",
     "evaluate",
 ]
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss term (or the gradient norm) became NaN or infinite; the message names it."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -116,13 +114,9 @@ class WarmupStepSchedule:
         self.last_factor = float(state["last_factor"])
 
 
-def forward_model(model: nn.Module, batch: Batch, *, with_targets: bool) -> dict:
-    """Run the model on a padded batch; ``with_targets`` passes the targets (DINO's denoising)."""
-    if with_targets:
-        # DINO (chapter 07): the denoising queries are noised copies of these targets; the model
-        # builds them only in training mode and only when it was given a denoiser.
-        return model(batch.images, batch.masks, targets=batch.targets)
-    return model(batch.images, batch.masks)
+def forward_model(model: nn.Module, batch: Batch) -> dict:
+    """Run the model on a padded batch, with its targets (used by DINO's denoising in training)."""
+    return model(batch.images, batch.masks, targets=batch.targets)
 
 
 def _float32(outputs: dict) -> dict:
@@ -136,15 +130,7 @@ def _float32(outputs: dict) -> dict:
     return outputs
 
 
-def _non_finite(outputs: object, where: str) -> list[str]:
-    """Paths of the tensors in ``outputs`` (nested dicts/lists) holding NaN or inf."""
-    if isinstance(outputs, Tensor):
-        return [] if not outputs.is_floating_point() or torch.isfinite(outputs).all() else [where]
-    if isinstance(outputs, dict):
-        return [p for k, v in outputs.items() for p in _non_finite(v, f"{where}[{k!r}]")]
-    if isinstance(outputs, list | tuple):
-        return [p for i, v in enumerate(outputs) for p in _non_finite(v, f"{where}[{i}]")]
-    return []
+_ADVICE = "The last checkpoint is intact: lower the learning rate or check the data, then --resume."
 
 
 def train_step(
@@ -156,7 +142,6 @@ def train_step(
     schedule: WarmupStepSchedule,
     step: int,
     progress: float,
-    with_targets: bool,
     amp: str = "off",
     scaler: torch.amp.GradScaler | None = None,
     clip_max_norm: float = 0.0,
@@ -171,7 +156,6 @@ def train_step(
         optimizer: the optimiser; its learning rates are set by ``schedule`` first.
         schedule: the learning-rate schedule; step: iteration number (0-based); progress: fraction of
             the training done (see :class:`WarmupStepSchedule`).
-        with_targets: pass the targets to the model (DINO).
         amp: "off", "bf16" or "fp16" (CUDA only); scaler: a GradScaler for fp16.
         clip_max_norm: clip the global gradient norm to this (0: no clipping, norm still logged).
 
@@ -180,34 +164,24 @@ def train_step(
         (the first group's) and ``grad_norm`` -- as Python floats.
 
     Raises:
-        NonFiniteLossError: a loss term or the gradient norm is not finite. Nothing has been
+        NonFiniteLossError: a prediction, a loss term or the gradient norm is not finite. Nothing has been
             updated yet when it is raised, so the last checkpoint stays the last good state.
     """
     device = batch.images.device
     with autocast(device, amp):
-        outputs = forward_model(model, batch, with_targets=with_targets)
-    bad_outputs = _non_finite(outputs, "outputs")
-    if bad_outputs:
-        raise NonFiniteLossError(
-            f"non-finite predictions at step {step}: {bad_outputs}; stopping. The last checkpoint is "
-            "intact: lower the learning rate or check the data, then --resume."
-        )
+        outputs = forward_model(model, batch)
     # Matching and losses in float32 whatever the forward ran in.
     with torch.autocast(device.type, enabled=False) if amp != "off" else contextlib.nullcontext():
         try:
+            # the criterion checks every prediction it reads and every term it returns
             losses = criterion(_float32(outputs), batch.targets)
-        except ValueError as err:  # the criterion refuses non-finite terms itself, naming them
-            if "non-finite" in str(err):
-                raise NonFiniteLossError(f"step {step}: {err}") from err
-            raise
+        except NonFiniteLossError as err:
+            raise NonFiniteLossError(f"non-finite loss at step {step}: {err}; stopping. {_ADVICE}") from err
         total = criterion.total(losses)
-    bad = sorted(k for k, v in losses.items() if not torch.isfinite(v).all())
-    if bad or not torch.isfinite(total):
-        values = {k: float(losses[k].detach()) for k in bad}
-        raise NonFiniteLossError(
-            f"non-finite loss at step {step}: {values or {'loss': float(total.detach())}}; stopping. The last "
-            "checkpoint is intact: lower the learning rate or check the data, then --resume."
-        )
+    values = torch.stack([*losses.values(), total])  # one finiteness check for every term
+    if not torch.isfinite(values).all():
+        bad = {k: float(v.detach()) for k, v in {**losses, "loss": total}.items() if not torch.isfinite(v)}
+        raise NonFiniteLossError(f"non-finite loss at step {step}: {bad}; stopping. {_ADVICE}")
     schedule.step(optimizer, step, progress)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
@@ -225,7 +199,7 @@ def train_step(
         if not torch.isfinite(grad_norm):
             raise NonFiniteLossError(
                 f"non-finite gradient norm at step {step} although every loss term is finite; stopping "
-                "before the weights are changed. The last checkpoint is intact."
+                f"before the weights are changed. {_ADVICE}"
             )
         optimizer.step()
     logged = reduce_mean({**losses, "loss": total})

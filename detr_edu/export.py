@@ -5,7 +5,8 @@ three times the model; in float32 the course's ``dino_cpu`` model alone is 28 MB
 keeps what inference needs -- the weights in float16 (14 MB), the model config, the category ids --
 plus where it came from (training step, the final COCO metrics of the run's log). It is loaded
 with ``torch.load(..., weights_only=True)`` and cast back to float32: the rounding changes the
-predicted boxes by about 1e-3 of the image size (``tests/test_export.py`` bounds it).
+predicted boxes by about 1e-3 of the image size (``tests/test_training_tools.py``,
+``test_export_is_half_the_size_and_predicts_the_same_boxes``, bounds it).
 
 The course ships one such file, the ``dino_cpu`` model trained for 10 minutes on digit scenes
 (chapter 08), made by::
@@ -28,8 +29,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from detr_edu.build import build_model
 from detr_edu.checkpoint import atomic_save, load_checkpoint
-from detr_edu.config import build_model, config_from_dict
+from detr_edu.config import config_from_dict
 from detr_edu.logs import final_metrics, read_log
 
 __all__ = ["export_weights", "load_weights", "load_shipped", "SHIPPED_WEIGHTS", "FORMAT"]

@@ -23,7 +23,7 @@ import math
 
 from torch import Tensor, nn
 
-from detr_edu.deformable_transformer import apply_box_delta
+from detr_edu.box_ops import apply_box_delta
 from detr_edu.transformer import MLP
 
 __all__ = ["make_class_head", "make_box_head", "box_from_delta", "PredictionHeads"]
@@ -52,7 +52,7 @@ def _last_linear(head: nn.Module) -> nn.Linear:
 def box_from_delta(delta: Tensor, reference: Tensor | None) -> Tensor:
     """Box from a head's output: ``sigmoid(delta + inverse_sigmoid(reference))``.
 
-    The reference case is :func:`detr_edu.deformable_transformer.apply_box_delta` (chapter 03);
+    The reference case is :func:`detr_edu.box_ops.apply_box_delta` (chapter 03);
     ``reference=None`` (DETR, no reference) gives ``sigmoid(delta)``.
 
     Args:

@@ -32,8 +32,9 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from detr_edu.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from detr_edu.targets import check_targets
 
-__all__ = ["HungarianMatcher", "focal_class_cost", "ce_class_cost", "check_targets"]
+__all__ = ["HungarianMatcher", "focal_class_cost", "ce_class_cost"]
 
 
 def focal_class_cost(logits: Tensor, labels: Tensor, *, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
@@ -75,36 +76,6 @@ def ce_class_cost(logits: Tensor, labels: Tensor) -> Tensor:
         (N, G) cost in [-1, 0], lower is better.
     """
     return -logits.softmax(-1)[:, labels]  # (N, G)
-
-
-def check_targets(targets: list[dict[str, Tensor]], *, num_classes: int | None = None) -> None:
-    """Raise a ValueError naming the image and the problem for malformed targets.
-
-    Each target must hold ``labels`` int64 (G,) and ``boxes`` float (G, 4) finite normalised cxcywh
-    with non-negative width and height; with ``num_classes``, labels must lie in [0, num_classes).
-    """
-    for b, target in enumerate(targets):
-        if "labels" not in target or "boxes" not in target:
-            raise ValueError(f"targets[{b}] needs 'labels' and 'boxes', got keys {sorted(target)}")
-        labels, boxes = target["labels"], target["boxes"]
-        if labels.dim() != 1 or labels.dtype != torch.int64:
-            raise ValueError(
-                f"targets[{b}]['labels'] must be int64 of shape (G,), got {labels.dtype} {tuple(labels.shape)}"
-            )
-        if boxes.dim() != 2 or boxes.shape[1] != 4 or boxes.shape[0] != labels.shape[0]:
-            raise ValueError(
-                f"targets[{b}]['boxes'] must have shape (G, 4) with G = {labels.shape[0]} labels, "
-                f"got {tuple(boxes.shape)}"
-            )
-        if not torch.isfinite(boxes).all():
-            raise ValueError(f"targets[{b}]['boxes'] contains non-finite values")
-        if (boxes[:, 2:] < 0).any():
-            raise ValueError(f"targets[{b}]['boxes'] has negative widths or heights (boxes must be cxcywh)")
-        if num_classes is not None and labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(
-                f"targets[{b}]['labels'] must lie in [0, {num_classes}), got "
-                f"[{int(labels.min())}, {int(labels.max())}]"
-            )
 
 
 class HungarianMatcher(nn.Module):
@@ -190,16 +161,23 @@ class HungarianMatcher(nn.Module):
                 )
 
     @torch.no_grad()
-    def cost_terms(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    def cost_terms(
+        self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]], *, validate: bool = True
+    ) -> dict[str, Tensor]:
         """The three unweighted cost terms for the whole batch, each (B, Nq, G_total).
 
         Column j is the j-th target of the concatenation of all images' targets; only the block of
         image b's own targets matters for image b. Computed in float32, outside autocast.
 
+        Args:
+            outputs, targets: as :meth:`forward`.
+            validate: check predictions and targets first (see :meth:`forward`).
+
         Returns:
             ``{"class": ..., "bbox": ..., "giou": ...}`` where ``"giou"`` is ``-GIoU``.
         """
-        self._check(outputs, targets)
+        if validate:
+            self._check(outputs, targets)
         logits = outputs["pred_logits"]
         B, Nq, K = logits.shape
         device = logits.device
@@ -229,16 +207,18 @@ class HungarianMatcher(nn.Module):
         }
 
     @torch.no_grad()
-    def cost_matrix(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]) -> Tensor:
+    def cost_matrix(
+        self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]], *, validate: bool = True
+    ) -> Tensor:
         """The weighted matching cost for the whole batch, (B, Nq, G_total), float32."""
-        terms = self.cost_terms(outputs, targets)
+        terms = self.cost_terms(outputs, targets, validate=validate)
         return (
             self.cost_class * terms["class"] + self.cost_bbox * terms["bbox"] + self.cost_giou * terms["giou"]
         )  # (B, Nq, G_total)
 
     @torch.no_grad()
     def forward(
-        self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]
+        self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]], *, validate: bool = True
     ) -> list[tuple[Tensor, Tensor]]:
         """Match each image's queries to its targets.
 
@@ -246,6 +226,8 @@ class HungarianMatcher(nn.Module):
             outputs: ``pred_logits`` (B, Nq, K) and ``pred_boxes`` (B, Nq, 4) normalised cxcywh;
                 other keys (``aux_outputs``, ...) are ignored.
             targets: B dicts with ``labels`` int64 (G_b,) and ``boxes`` (G_b, 4) normalised cxcywh.
+            validate: check shapes, finiteness and labels first (True, the public entry point).
+                :class:`~detr_edu.criterion.SetCriterion` validates once per step and passes False.
 
         Returns:
             B pairs ``(query_idx, target_idx)``, int64 tensors of length G_b on the CPU: query
@@ -253,10 +235,11 @@ class HungarianMatcher(nn.Module):
         """
         sizes = [len(t["boxes"]) for t in targets]
         if sum(sizes) == 0:
-            self._check(outputs, targets)
+            if validate:
+                self._check(outputs, targets)
             empty = torch.empty(0, dtype=torch.int64)
             return [(empty, empty) for _ in targets]
-        cost = self.cost_matrix(outputs, targets).cpu()  # (B, Nq, G_total)
+        cost = self.cost_matrix(outputs, targets, validate=validate).cpu()  # (B, Nq, G_total)
         indices = []
         for b, block in enumerate(cost.split(sizes, dim=-1)):  # block: (B, Nq, G_b)
             query_idx, target_idx = linear_sum_assignment(block[b].numpy())  # image b's own targets only

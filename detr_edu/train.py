@@ -30,6 +30,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,14 +38,15 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
-from detr_edu.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from detr_edu.build import build_model
+from detr_edu.checkpoint import load_checkpoint, module_generators, rng_state, save_checkpoint, set_rng_state
 from detr_edu.coco_eval import CocoEvaluator
-from detr_edu.config import ModelConfig, build_model, config_from_dict, get_preset
+from detr_edu.config import ModelConfig, config_from_dict, get_preset
 from detr_edu.criterion import SetCriterion
 from detr_edu.data import CocoDetection, coco_paths, collate_detection
-from detr_edu.dino import DINO
 from detr_edu.distributed import DistContext, barrier, cleanup, init_distributed
-from detr_edu.engine import NonFiniteLossError, WarmupStepSchedule, evaluate, train_step, unwrap
+from detr_edu.engine import WarmupStepSchedule, evaluate, train_step, unwrap
+from detr_edu.errors import NonFiniteLossError
 from detr_edu.matcher import HungarianMatcher
 from detr_edu.training_presets import TRAINING_PRESET_NAMES, TrainConfig, get_training_preset
 from detr_edu.transforms import make_transforms
@@ -98,10 +100,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-queries", type=int, help="override the model's number of queries")
     p.add_argument("--backbone-norm", choices=("batch", "group"), help="override the backbone's norm layer")
     p.add_argument(
-        "--model-set", nargs="+", default=[], metavar="KEY=VALUE",
+        "--model-set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
         help="override model-config fields (values parsed as JSON when they parse): num_points=16 "
         "weights_from=content backbone.levels=[2] dn_number=0 (see detr_edu.config)",
-    )  # fmt: skip
+    )
     p.add_argument("--no-aux-loss", action="store_true", help="losses on the last decoder layer only")
     p.add_argument("--num-train", type=int, help="use only the first N training images")
     p.add_argument("--num-val", type=int, help="evaluate on the first N validation images")
@@ -277,6 +282,48 @@ class _Logger:
             tqdm.write(line)
 
 
+@dataclass
+class Progress:
+    """The counters of a run: saved in every checkpoint, restored by a resume.
+
+    ``elapsed_s`` counts training time only (the clock of ``--budget-minutes``);
+    ``next_eval_s`` is when the next timed evaluation is due; ``last_eval_step`` avoids evaluating
+    the same weights twice at the end.
+    """
+
+    epoch: int = 0
+    step: int = 0
+    step_in_epoch: int = 0
+    elapsed_s: float = 0.0
+    next_eval_s: float = 0.0
+    last_eval_step: int = -1
+
+
+@dataclass
+class Run:
+    """Everything a training or evaluation run holds, built once by :func:`build_run`."""
+
+    args: argparse.Namespace
+    ctx: DistContext
+    tcfg: TrainConfig
+    mcfg: ModelConfig
+    model: nn.Module
+    criterion: SetCriterion
+    optimizer: torch.optim.Optimizer
+    schedule: WarmupStepSchedule
+    scaler: torch.amp.GradScaler | None
+    amp: str
+    category_ids: list[int]
+    val_ds: CocoDetection
+    val_loader: DataLoader
+    logger: _Logger
+    resume: str
+
+    @property
+    def score_type(self) -> str:
+        return "softmax" if getattr(self.mcfg, "no_object_class", False) else "sigmoid"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit status (0 ok, 1 non-finite loss)."""
     args = parse_args(argv)
@@ -290,24 +337,55 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace, ctx: DistContext) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    train_ds, run, checkpoint = build_run(args, ctx)
+    if args.eval:
+        return evaluate_only(run)
+    progress = Progress()
+    if checkpoint is not None:
+        progress = restore_training_state(run, checkpoint)
+    elif ctx.is_main:
+        run.logger({"type": "config", **config_record(run)})
+    assert train_ds is not None  # for type checkers: not --eval
+    try:
+        stop = train(run, train_ds, progress)
+    except NonFiniteLossError as err:
+        if ctx.is_main:
+            run.logger({"type": "error", "step": progress.step, "message": str(err)})
+            print(f"error: {err}", file=sys.stderr)
+        return 1
+    if not args.no_final_eval and progress.last_eval_step != progress.step:
+        eval_and_log(run, progress)
+    save(run, progress)
+    run.logger({"type": "end", "reason": stop, "epoch": progress.epoch, "step": progress.step,
+                "elapsed_s": round(progress.elapsed_s, 2)}, echo=True)  # fmt: skip
+    return 0
+
+
+def resume_path(args: argparse.Namespace) -> str:
+    """The checkpoint to resume from: ``--resume PATH``, or for ``auto`` OUTPUT/checkpoint.pth if any."""
+    if args.resume == "auto":
+        auto = args.output_dir / "checkpoint.pth"
+        return str(auto) if auto.is_file() else ""
+    return args.resume
+
+
+def build_run(args: argparse.Namespace, ctx: DistContext) -> tuple[CocoDetection | None, Run, dict | None]:
+    """Data, model, criterion and optimiser of a run, and the checkpoint to resume from (if any)."""
     amp = args.amp if args.amp != "auto" else ("bf16" if ctx.device.type == "cuda" else "off")
     if amp != "off" and ctx.device.type != "cuda":
         raise ValueError(f"--amp {amp} needs CUDA; this run is on {ctx.device} (use --amp off)")
     tcfg = training_config(args)
     train_ds, val_ds = _datasets(args, tcfg)
     category_ids = val_ds.category_ids
-
+    resume = resume_path(args)
     checkpoint = None
-    resume = args.resume
-    if resume == "auto":
-        auto = args.output_dir / "checkpoint.pth"
-        resume = str(auto) if auto.is_file() else ""
     if resume:
         checkpoint = load_checkpoint(resume, map_location="cpu")
         mcfg = config_from_dict(checkpoint["config"]["model"])
         if list(checkpoint["category_ids"]) != category_ids:
             raise ValueError(
-                f"{resume} was trained on category ids {list(checkpoint['category_ids'])}, the data has {category_ids}"
+                f"{resume} was trained on category ids {list(checkpoint['category_ids'])}, "
+                f"the data has {category_ids}"
             )
     elif args.eval:
         raise ValueError(
@@ -318,9 +396,8 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> int:
 
     seed_everything(args.seed)  # same seed on every rank: identical initial weights
     model = build_model(mcfg).to(ctx.device)
-    with_targets = isinstance(model, DINO)  # DINO builds its denoising queries from the targets
-    score_type = "softmax" if getattr(mcfg, "no_object_class", False) else "sigmoid"
-    criterion = build_criterion(mcfg, tcfg)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
     optimizer = torch.optim.AdamW(param_groups(model, tcfg), weight_decay=tcfg.weight_decay)
     schedule = WarmupStepSchedule(
         base_lrs=[tcfg.lr, tcfg.lr_backbone],
@@ -328,60 +405,147 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> int:
         drop=tcfg.lr_drop,
         gamma=tcfg.lr_gamma,
     )
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-
-    state = {
-        "epoch": 0,
-        "step": 0,
-        "step_in_epoch": 0,
-        "elapsed_s": 0.0,
-        "next_eval_s": 0.0,
-        "last_eval_step": -1,
-    }
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        if not args.eval:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            schedule.load_state_dict(checkpoint["scheduler"])
-            if scaler is not None and checkpoint["scaler"] is not None:
-                scaler.load_state_dict(checkpoint["scaler"])
-            state.update(checkpoint["extra"]["state"])
-            set_rng_state(checkpoint["rng"])
-
-    val_share = Subset(
-        _first(val_ds, args.num_val), range(ctx.rank, len(_first(val_ds, args.num_val)), ctx.world_size)
+    val_set = _first(val_ds, args.num_val)
+    val_share = Subset(val_set, range(ctx.rank, len(val_set), ctx.world_size))
+    val_loader = DataLoader(
+        val_share,
+        batch_size=tcfg.batch_size,
+        shuffle=False,
+        collate_fn=collate_detection,
+        num_workers=tcfg.num_workers,
     )
-    val_loader = DataLoader(val_share, batch_size=tcfg.batch_size, shuffle=False, collate_fn=collate_detection,
-                            num_workers=tcfg.num_workers)  # fmt: skip
-    logger = _Logger(args.output_dir / "log.jsonl", ctx.is_main)
     if ctx.is_main:
         args.output_dir.mkdir(parents=True, exist_ok=True)
+    run = Run(
+        args=args,
+        ctx=ctx,
+        tcfg=tcfg,
+        mcfg=mcfg,
+        model=model,
+        criterion=build_criterion(mcfg, tcfg),
+        optimizer=optimizer,
+        schedule=schedule,
+        scaler=torch.amp.GradScaler("cuda") if amp == "fp16" else None,
+        amp=amp,
+        category_ids=category_ids,
+        val_ds=val_ds,
+        val_loader=val_loader,
+        logger=_Logger(args.output_dir / "log.jsonl", ctx.is_main),
+        resume=resume,
+    )
+    return train_ds, run, checkpoint
 
-    def run_eval() -> dict:
-        evaluator = CocoEvaluator(coco_json=val_ds.coco_json, category_ids=category_ids)
-        return evaluate(model, val_loader, evaluator, device=ctx.device, amp=amp, score_type=score_type)
 
-    if args.eval:
-        t0 = time.perf_counter()
-        metrics = run_eval()
-        logger(
-            {"type": "eval", "checkpoint": resume, **metrics, "eval_s": round(time.perf_counter() - t0, 2)},
-            echo=True,
+def restore_training_state(run: Run, checkpoint: dict) -> Progress:
+    """Optimiser, schedule, scaler, counters and every random state of a checkpoint (exact resume)."""
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.schedule.load_state_dict(checkpoint["scheduler"])
+    if run.scaler is not None and checkpoint["scaler"] is not None:
+        run.scaler.load_state_dict(checkpoint["scaler"])
+    set_rng_state(checkpoint["rng"], module_generators(run.model))
+    return Progress(**checkpoint["extra"]["state"])
+
+
+def config_record(run: Run) -> dict:
+    """The run's settings as plain data: the log's first line and every checkpoint's ``config``."""
+    return {
+        "model": {"model": type(run.mcfg).__name__, **dataclasses.asdict(run.mcfg)},
+        "train": dataclasses.asdict(run.tcfg),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(run.args).items()},
+        "world_size": run.ctx.world_size,
+    }
+
+
+def run_eval(run: Run) -> dict[str, float]:
+    """COCO metrics of the model on the validation share of this process (gathered by the evaluator)."""
+    evaluator = CocoEvaluator(coco_json=run.val_ds.coco_json, category_ids=run.category_ids)
+    return evaluate(
+        run.model, run.val_loader, evaluator, device=run.ctx.device, amp=run.amp, score_type=run.score_type
+    )
+
+
+def evaluate_only(run: Run) -> int:
+    """``--eval``: evaluate the resumed checkpoint, log and print its metrics."""
+    t0 = time.perf_counter()
+    metrics = run_eval(run)
+    eval_s = round(time.perf_counter() - t0, 2)
+    run.logger({"type": "eval", "checkpoint": run.resume, **metrics, "eval_s": eval_s}, echo=True)
+    if run.ctx.is_main:
+        print(json.dumps({"checkpoint": run.resume, **metrics}))
+    return 0
+
+
+def eval_and_log(run: Run, progress: Progress) -> None:
+    """Evaluate now and write an ``"eval"`` log line (training time excluded from ``elapsed_s``)."""
+    t0 = time.perf_counter()
+    metrics = run_eval(run)
+    progress.last_eval_step = progress.step
+    record = {
+        "type": "eval",
+        "epoch": progress.epoch,
+        "step": progress.step,
+        "elapsed_s": round(progress.elapsed_s, 2),
+    }
+    run.logger({**record, **metrics, "eval_s": round(time.perf_counter() - t0, 2)}, echo=True)
+
+
+def save(run: Run, progress: Progress) -> None:
+    """Write OUTPUT/checkpoint.pth atomically (rank 0), with every state an exact resume needs."""
+    if run.ctx.is_main:
+        model = unwrap(run.model)
+        save_checkpoint(
+            run.args.output_dir / "checkpoint.pth",
+            {
+                "model": model.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.schedule.state_dict(),
+                "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+                "epoch": progress.epoch,
+                "step": progress.step,
+                "rng": rng_state(module_generators(model)),
+                "config": config_record(run),
+                "category_ids": run.category_ids,
+                "extra": {"state": dataclasses.asdict(progress)},
+            },
         )
-        if not ctx.is_main:
-            return 0
-        print(json.dumps({"checkpoint": resume, **metrics}))
-        return 0
+    barrier()
 
-    assert train_ds is not None  # for type checkers: not --eval
+
+@dataclass
+class RunLength:
+    """How long a run trains: a wall-clock budget (seconds of training time), or a number of steps."""
+
+    budget_s: float | None
+    total_steps: int | None
+
+    def fraction(self, progress: Progress) -> float:
+        """The fraction of the training done (the lr schedule's ``progress``)."""
+        if self.budget_s:
+            return progress.elapsed_s / self.budget_s
+        return progress.step / self.total_steps
+
+
+def train(run: Run, train_ds: CocoDetection, progress: Progress) -> str:
+    """Train from ``progress`` until the budget, ``--max-iters`` or the epochs end; return why it stopped.
+
+    Raises:
+        NonFiniteLossError: from :func:`~detr_edu.engine.train_step`; nothing was updated or saved.
+    """
+    args, ctx, tcfg = run.args, run.ctx, run.tcfg
     train_set = _first(train_ds, args.num_train)
     sampler = ResumableSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, seed=args.seed)
-    train_loader = DataLoader(train_set, batch_size=tcfg.batch_size, sampler=sampler, drop_last=True,
-                              collate_fn=collate_detection, num_workers=tcfg.num_workers,
-                              pin_memory=ctx.device.type == "cuda",
-                              # its own generator: creating an iterator must not draw from the global
-                              # RNG, or a resumed run would be one draw off the uninterrupted one
-                              generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
+    train_loader = DataLoader(
+        train_set,
+        batch_size=tcfg.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=collate_detection,
+        num_workers=tcfg.num_workers,
+        pin_memory=ctx.device.type == "cuda",
+        # its own generator: creating an iterator must not draw from the global RNG, or a resumed
+        # run would be one draw off the uninterrupted one
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     iters_per_epoch = len(sampler.dataset) // ctx.world_size // tcfg.batch_size
     if iters_per_epoch == 0:
         raise ValueError(
@@ -389,134 +553,113 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> int:
             f"({ctx.world_size} processes)"
         )
     budget_s = args.budget_minutes * 60.0 if args.budget_minutes else None
-    total_steps = None if budget_s else tcfg.epochs * iters_per_epoch
+    length = RunLength(budget_s=budget_s, total_steps=None if budget_s else tcfg.epochs * iters_per_epoch)
     ddp_model = (
         nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None
+            run.model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None
         )
         if ctx.distributed
-        else model
+        else run.model
     )
-    config_record = {
-        "model": {"model": type(mcfg).__name__, **dataclasses.asdict(mcfg)},
-        "train": dataclasses.asdict(tcfg),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "world_size": ctx.world_size,
-    }
-
-    def save() -> None:
-        if ctx.is_main:
-            save_checkpoint(
-                args.output_dir / "checkpoint.pth",
-                {
-                    "model": unwrap(model).state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": schedule.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "epoch": state["epoch"],
-                    "step": state["step"],
-                    "rng": rng_state(),
-                    "config": config_record,
-                    "category_ids": category_ids,
-                    "extra": {"state": dict(state)},
-                },
-            )
-        barrier()
-
-    def eval_and_log() -> None:
-        t0 = time.perf_counter()
-        metrics = run_eval()
-        state["last_eval_step"] = state["step"]
-        record = {
-            "type": "eval",
-            "epoch": state["epoch"],
-            "step": state["step"],
-            "elapsed_s": round(state["elapsed_s"], 2),
-        }
-        logger({**record, **metrics, "eval_s": round(time.perf_counter() - t0, 2)}, echo=True)
-
-    def progress() -> float:
-        return state["elapsed_s"] / budget_s if budget_s else state["step"] / total_steps
-
-    if ctx.is_main and checkpoint is None:
-        logger({"type": "config", **config_record})
-    bar = tqdm(total=total_steps, initial=state["step"], disable=args.no_progress or not ctx.is_main,
-               desc=args.preset, dynamic_ncols=True)  # fmt: skip
-    stop = None
-    running: dict[str, float] = {}
+    bar = tqdm(
+        total=length.total_steps,
+        initial=progress.step,
+        disable=args.no_progress or not ctx.is_main,
+        desc=args.preset,
+        dynamic_ncols=True,
+    )
+    smoothed: dict[str, float] = {}  # the bar's display of the main losses
     try:
-        while stop is None:
-            epoch = state["epoch"]
-            if budget_s is None and epoch >= tcfg.epochs:
-                stop = "epochs"
-                break
-            sampler.set_epoch(epoch)
-            train_ds.set_epoch(epoch)  # the augmentations of this epoch
-            sampler.skip = state["step_in_epoch"] * tcfg.batch_size
-            epoch_sums: dict[str, float] = {}
-            epoch_steps = 0
-            tick = time.perf_counter()
-            for batch in train_loader:
-                batch = batch.to(ctx.device)
-                logged = train_step(
-                    ddp_model, criterion, batch, optimizer, schedule=schedule, step=state["step"],
-                    progress=progress(), with_targets=with_targets, amp=amp, scaler=scaler,
-                    clip_max_norm=tcfg.clip_max_norm,
-                )  # fmt: skip
-                now = time.perf_counter()
-                state["elapsed_s"] += now - tick
-                state["step"] += 1
-                state["step_in_epoch"] += 1
-                epoch_steps += 1
-                for k, v in logged.items():
-                    epoch_sums[k] = epoch_sums.get(k, 0.0) + v
-                    running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v  # smoothed for the bar
-                bar.update(1)
-                bar.set_postfix(
-                    {k: f"{running[k]:.3f}" for k in ("loss", "loss_class", "loss_bbox", "loss_giou")}
-                )
-                if args.log_every and state["step"] % args.log_every == 0:
-                    logger({"type": "train", "epoch": epoch, "step": state["step"],
-                            "elapsed_s": round(state["elapsed_s"], 3), **logged})  # fmt: skip
-                if budget_s is not None and state["elapsed_s"] >= budget_s:
-                    stop = "budget"
-                elif args.max_iters and state["step"] >= args.max_iters:
-                    stop = "max_iters"
-                if stop is None and tcfg.eval_every_minutes and state["elapsed_s"] >= state["next_eval_s"]:
-                    if state["step"] > 1:  # not before any training
-                        eval_and_log()
-                        save()
-                    state["next_eval_s"] = state["elapsed_s"] + tcfg.eval_every_minutes * 60.0
-                if stop is not None:
-                    break
-                tick = time.perf_counter()
-            if stop is None:  # a complete epoch
-                means = {k: v / max(epoch_steps, 1) for k, v in epoch_sums.items()}
-                state["epoch"] += 1
-                state["step_in_epoch"] = 0
-                logger({"type": "epoch", "epoch": epoch, "step": state["step"],
-                        "elapsed_s": round(state["elapsed_s"], 2), **means}, echo=True)  # fmt: skip
-                evaluate_now = (
-                    budget_s is None
-                    and not tcfg.eval_every_minutes
-                    and (state["epoch"] % tcfg.eval_every_epochs == 0 and state["epoch"] < tcfg.epochs)
-                )
-                if evaluate_now:
-                    eval_and_log()
-                save()
-    except NonFiniteLossError as err:
+        while True:
+            if budget_s is None and progress.epoch >= tcfg.epochs:
+                return "epochs"
+            sampler.set_epoch(progress.epoch)
+            train_ds.set_epoch(progress.epoch)  # the augmentations of this epoch
+            sampler.skip = progress.step_in_epoch * tcfg.batch_size
+            stop = train_epoch(run, ddp_model, train_loader, progress, length, bar, smoothed)
+            if stop is not None:
+                return stop
+    finally:
         bar.close()
-        if ctx.is_main:
-            logger({"type": "error", "step": state["step"], "message": str(err)})
-            print(f"error: {err}", file=sys.stderr)
-        return 1
-    bar.close()
-    if not args.no_final_eval and state["last_eval_step"] != state["step"]:
-        eval_and_log()
-    save()
-    logger({"type": "end", "reason": stop, "epoch": state["epoch"], "step": state["step"],
-            "elapsed_s": round(state["elapsed_s"], 2)}, echo=True)  # fmt: skip
-    return 0
+
+
+def train_epoch(
+    run: Run,
+    ddp_model: nn.Module,
+    loader: DataLoader,
+    progress: Progress,
+    length: RunLength,
+    bar: tqdm,
+    smoothed: dict[str, float],
+) -> str | None:
+    """Train on the rest of the current epoch; return why training stopped, or None at the epoch's end."""
+    args, tcfg = run.args, run.tcfg
+    epoch = progress.epoch
+    sums: dict[str, float] = {}
+    steps = 0
+    tick = time.perf_counter()
+    for batch in loader:
+        batch = batch.to(run.ctx.device)
+        logged = train_step(
+            ddp_model, run.criterion, batch, run.optimizer, schedule=run.schedule, step=progress.step,
+            progress=length.fraction(progress), amp=run.amp, scaler=run.scaler,
+            clip_max_norm=tcfg.clip_max_norm,
+        )  # fmt: skip
+        progress.elapsed_s += time.perf_counter() - tick
+        progress.step += 1
+        progress.step_in_epoch += 1
+        steps += 1
+        for k, v in logged.items():
+            sums[k] = sums.get(k, 0.0) + v
+        _update_bar(bar, smoothed, logged)
+        if args.log_every and progress.step % args.log_every == 0:
+            run.logger({"type": "train", "epoch": epoch, "step": progress.step,
+                        "elapsed_s": round(progress.elapsed_s, 3), **logged})  # fmt: skip
+        stop = _stop_reason(args, length, progress)
+        if stop is None and tcfg.eval_every_minutes and progress.elapsed_s >= progress.next_eval_s:
+            if progress.step > 1:  # not before any training
+                eval_and_log(run, progress)
+                save(run, progress)
+            progress.next_eval_s = progress.elapsed_s + tcfg.eval_every_minutes * 60.0
+        if stop is not None:
+            return stop
+        tick = time.perf_counter()
+    end_epoch(run, progress, {k: v / max(steps, 1) for k, v in sums.items()}, length)
+    return None
+
+
+def _stop_reason(args: argparse.Namespace, length: RunLength, progress: Progress) -> str | None:
+    if length.budget_s is not None and progress.elapsed_s >= length.budget_s:
+        return "budget"
+    if args.max_iters and progress.step >= args.max_iters:
+        return "max_iters"
+    return None
+
+
+def _update_bar(bar: tqdm, smoothed: dict[str, float], logged: dict[str, float]) -> None:
+    """Advance the bar; update ``smoothed`` (the main losses, exponentially smoothed) and show it."""
+    for k in ("loss", "loss_class", "loss_bbox", "loss_giou"):
+        smoothed[k] = logged[k] if k not in smoothed else 0.9 * smoothed[k] + 0.1 * logged[k]
+    bar.update(1)
+    bar.set_postfix({k: f"{v:.3f}" for k, v in smoothed.items()})
+
+
+def end_epoch(run: Run, progress: Progress, means: dict[str, float], length: RunLength) -> None:
+    """A complete epoch: log its mean losses, evaluate when due (epoch-based runs), checkpoint."""
+    epoch = progress.epoch
+    progress.epoch += 1
+    progress.step_in_epoch = 0
+    run.logger({"type": "epoch", "epoch": epoch, "step": progress.step,
+                "elapsed_s": round(progress.elapsed_s, 2), **means}, echo=True)  # fmt: skip
+    tcfg = run.tcfg
+    evaluate_now = (
+        length.budget_s is None
+        and not tcfg.eval_every_minutes
+        and (progress.epoch % tcfg.eval_every_epochs == 0 and progress.epoch < tcfg.epochs)
+    )
+    if evaluate_now:
+        eval_and_log(run, progress)
+    save(run, progress)
 
 
 if __name__ == "__main__":

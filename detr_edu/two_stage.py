@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from detr_edu.heads import box_from_delta, make_box_head, make_class_head
+from detr_edu.masks import valid_sizes
 
 __all__ = ["encoder_proposals", "Proposals", "TwoStageOutput", "TwoStageProposer"]
 
@@ -80,8 +81,8 @@ def encoder_proposals(
     start = 0
     for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
         mask_l = padding_mask[:, start : start + H * W].view(B, H, W)  # (B, H, W)
-        valid_h = (~mask_l[:, :, 0]).sum(1).clamp(min=1).float()  # (B,) valid rows
-        valid_w = (~mask_l[:, 0, :]).sum(1).clamp(min=1).float()  # (B,) valid columns
+        # the flattened level masks come from a validated image mask: no rectangle check here
+        valid_h, valid_w = valid_sizes(mask_l, check=False).clamp(min=1).float().unbind(-1)  # (B,) each
         ys = torch.arange(H, device=device, dtype=torch.float32) + 0.5  # (H,) pixel centres
         xs = torch.arange(W, device=device, dtype=torch.float32) + 0.5  # (W,)
         cy = ys[None, :, None] / valid_h[:, None, None]  # (B, H, 1)

@@ -14,9 +14,9 @@ from detr_edu.backbone import (
     ResNetBackbone,
     check_images,
     level_masks,
-    valid_sizes,
 )
 from detr_edu.config import BackboneConfig
+from detr_edu.masks import valid_sizes
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -18,6 +18,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 from detr_edu import box_ops
 from detr_edu.criterion import LOSS_NAMES, SetCriterion, num_boxes_for_loss, weighted_total
+from detr_edu.errors import NonFiniteLossError
 
 K = 5  # classes
 WEIGHTS = {"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
@@ -29,7 +30,7 @@ class L1Matcher:
     def __init__(self) -> None:
         self.calls = 0
 
-    def __call__(self, outputs, targets):
+    def __call__(self, outputs, targets, *, validate: bool = True):
         self.calls += 1
         indices = []
         for b, t in enumerate(targets):
@@ -45,7 +46,7 @@ class FixedMatcher:
     def __init__(self, indices) -> None:
         self.indices = indices
 
-    def __call__(self, outputs, targets):
+    def __call__(self, outputs, targets, *, validate: bool = True):
         return self.indices
 
 
@@ -363,17 +364,17 @@ def test_non_finite_predictions_and_losses():
     outputs, targets = make_batch([1, 2], num_aux=1)
     logits = outputs["pred_logits"].clone()
     logits[0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match="outputs: pred_logits contains NaN or inf"):
+    with pytest.raises(NonFiniteLossError, match="outputs: pred_logits contains NaN or inf"):
         crit({**outputs, "pred_logits": logits}, targets)
     aux = {
         "pred_logits": outputs["pred_logits"],
         "pred_boxes": torch.full_like(outputs["pred_boxes"], math.inf),
     }
-    with pytest.raises(ValueError, match="aux_outputs'\\]\\[0\\]: pred_boxes contains NaN or inf"):
+    with pytest.raises(NonFiniteLossError, match="aux_outputs'\\]\\[0\\]: pred_boxes contains NaN or inf"):
         crit({**outputs, "aux_outputs": [aux]}, targets)
     # finite but huge logits: every background term is ~0.75 * 3e38 and their sum overflows float32
     huge = torch.full_like(outputs["pred_logits"], 3e38)
-    with pytest.raises(ValueError, match="non-finite losses \\['loss_class'\\]"):
+    with pytest.raises(NonFiniteLossError, match="non-finite losses \\['loss_class'\\]"):
         crit({"pred_logits": huge, "pred_boxes": outputs["pred_boxes"]}, targets)
 
 

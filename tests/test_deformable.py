@@ -14,10 +14,10 @@ from detr_edu.deformable import (
     deformable_samples,
     deformable_sampling,
     deformable_sampling_naive,
-    flatten_levels,
     level_start_index_from_shapes,
     offsets_to_locations,
 )
+from detr_edu.levels import flatten_levels
 
 # Non-square levels of different aspect ratios, including a 1-pixel-wide one.
 SHAPES = torch.tensor([[3, 5], [4, 2], [2, 3], [1, 1]])
@@ -122,7 +122,9 @@ def test_gradients_match_naive_loop():
 def test_flatten_levels_layout_and_start_index():
     g = torch.Generator().manual_seed(0)
     feats = [torch.randn(2, 4, h, w, generator=g) for h, w in SHAPES.tolist()]
-    value, shapes, start = flatten_levels(feats)
+    flat = flatten_levels(feats)  # no masks, no positions: chapter 02's bare feature maps
+    value, shapes, start = flat.src, flat.spatial_shapes, flat.level_start_index
+    assert flat.pos is None and not flat.mask.any() and bool((flat.valid_ratios == 1).all())
     assert value.shape == (2, 15 + 8 + 6 + 1, 4)
     assert torch.equal(shapes, SHAPES)
     assert start.tolist() == [0, 15, 23, 29]

@@ -6,10 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from detr_edu.deformable_transformer import (
-    DeformableDecoder,
-    DeformableEncoder,
-    apply_box_delta,
+from detr_edu.box_ops import apply_box_delta
+from detr_edu.deformable_transformer import DecoderOutput, DeformableDecoder, DeformableEncoder
+from detr_edu.levels import (
     decoder_reference_points,
     encoder_reference_points,
     flatten_levels,
@@ -264,20 +263,18 @@ def test_decoder_padded_equals_alone_with_refinement():
         for name, flat, b in (("alone", alone, 0), ("padded", padded, 1)):
             memory = run_encoder(enc, flat)
             B = flat.src.shape[0]
-            outs[name] = [
-                t[:, b]
-                for t in dec(
-                    query.expand(B, -1, -1),
-                    reference_points=ref.expand(B, -1, -1),
-                    memory=memory,
-                    memory_mask=flat.mask,
-                    spatial_shapes=flat.spatial_shapes,
-                    level_start_index=flat.level_start_index,
-                    valid_ratios=flat.valid_ratios,
-                    bbox_embed=heads,
-                    query_pos_from_ref=qpos,
-                )
-            ]
+            decoded = dec(
+                query.expand(B, -1, -1),
+                reference_points=ref.expand(B, -1, -1),
+                memory=memory,
+                memory_mask=flat.mask,
+                spatial_shapes=flat.spatial_shapes,
+                level_start_index=flat.level_start_index,
+                valid_ratios=flat.valid_ratios,
+                bbox_embed=heads,
+                query_pos_from_ref=qpos,
+            )
+            outs[name] = [t[:, b] for t in (decoded.inter_states, decoded.inter_references)]
     for a, p in zip(outs["alone"], outs["padded"], strict=True):
         torch.testing.assert_close(p, a, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(outs["alone"][1][1], outs["alone"][1][0])  # refinement moved the boxes
@@ -287,7 +284,8 @@ def test_decoder_padded_equals_alone_with_refinement():
 
 
 def decode(dec, flat, memory, query, ref, **kwargs):
-    return dec(
+    """(inter_states, inter_references), and the sampling too when it is asked for."""
+    out = dec(
         query,
         reference_points=ref,
         memory=memory,
@@ -297,6 +295,12 @@ def decode(dec, flat, memory, query, ref, **kwargs):
         valid_ratios=flat.valid_ratios,
         **kwargs,
     )
+    assert isinstance(out, DecoderOutput) and (out.sampling is not None) == kwargs.get(
+        "return_sampling", False
+    )
+    if out.sampling is not None:
+        return out.inter_states, out.inter_references, out.sampling
+    return out.inter_states, out.inter_references
 
 
 def test_every_parameter_gets_a_gradient():

@@ -14,6 +14,7 @@ from detr_edu.criterion import SetCriterion
 from detr_edu.denoising import (
     PAD_BOX,
     ContrastiveDenoising,
+    DenoisingMeta,
     denoising_attn_mask,
     denoising_groups,
     denoising_indices,
@@ -171,8 +172,8 @@ def test_denoiser_outputs() -> None:
     # pad_size 2, groups 4 // 2 = 2, Nd = 2 * groups * pad_size = 8
     assert dn.content.shape == (2, 8, 8) and dn.boxes_cxcywh.shape == (2, 8, 4)
     assert dn.attn_mask.shape == (13, 13) and dn.attn_mask.dtype == torch.bool
-    assert (dn.content[~dn.meta["valid"]] == 0).all()  # padded queries have no content
-    assert dn.meta["groups"] == 2 and dn.meta["pad_size"] == 2 and dn.meta["num_dn"] == 8
+    assert (dn.content[~dn.meta.valid] == 0).all()  # padded queries have no content
+    assert dn.meta.groups == 2 and dn.meta.pad_size == 2 and dn.meta.num_dn == 8
 
 
 def test_bad_inputs() -> None:
@@ -274,7 +275,14 @@ def test_dn_losses_vs_hand_written_focal_loss() -> None:
     boxes = torch.rand(B, Nd, 2, generator=g, dtype=torch.float64) * 0.5 + 0.25
     boxes = torch.cat([boxes, torch.full_like(boxes, 0.2)], -1)
     dn_outputs = {"pred_logits": logits, "pred_boxes": boxes, "aux_outputs": []}
-    meta = {"indices": noised.indices, "groups": noised.groups, "valid": noised.valid}
+    meta = DenoisingMeta(
+        groups=noised.groups,
+        pad_size=noised.pad_size,
+        num_dn=noised.num_queries,
+        indices=noised.indices,
+        valid=noised.valid,
+        positive=noised.positive,
+    )
     one_hot = torch.zeros(B, Nd, K, dtype=torch.float64)
     for b, (q, j) in enumerate(noised.indices):
         one_hot[b, q, targets[b]["labels"][j]] = 1.0  # positives only: negatives/padding stay all-zero
@@ -289,7 +297,7 @@ def test_dn_losses_vs_hand_written_focal_loss() -> None:
         (boxes[b, q] - targets[b]["boxes"][j].double()).abs().sum() for b, (q, j) in enumerate(noised.indices)
     )
     torch.testing.assert_close(losses["loss_bbox_dn"], l1 / normaliser)
-    with pytest.raises(ValueError, match="dn_meta is missing"):
+    with pytest.raises(ValueError, match="dn_meta must be a DenoisingMeta"):
         _criterion().denoising_losses(dn_outputs, targets, {"groups": 1}, num_boxes=4.0)
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torchvision import ops
 
-from detr_edu.matcher import HungarianMatcher, ce_class_cost, check_targets, focal_class_cost
+from detr_edu.matcher import HungarianMatcher, ce_class_cost, focal_class_cost
+from detr_edu.targets import check_targets
 
 
 def random_problem(

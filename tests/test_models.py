@@ -15,18 +15,19 @@ import torch
 from torch import nn
 
 from detr_edu.backbone import FeatureMaps, level_masks
+from detr_edu.build import build_model
 from detr_edu.config import (
     PRESET_NAMES,
     BackboneConfig,
     DeformableDETRConfig,
     DETRConfig,
     DINOConfig,
-    build_model,
     config_from_dict,
     get_preset,
 )
 from detr_edu.criterion import SetCriterion
-from detr_edu.dino import DINO, DenoisingQueries
+from detr_edu.denoising import DenoisingMeta, DenoisingQueries
+from detr_edu.dino import DINO
 from detr_edu.heads import PredictionHeads, box_from_delta
 from detr_edu.matcher import HungarianMatcher
 
@@ -222,8 +223,17 @@ def _fake_denoising(B: int, Nd: int, Nq: int, C: int, seed: int = 0) -> Denoisin
     mask = torch.zeros(Nd + Nq, Nd + Nq, dtype=torch.bool)
     mask[Nd:, :Nd] = True  # matching queries never see the denoising queries
     boxes = torch.cat([torch.rand(B, Nd, 2, generator=g) * 0.6 + 0.2, torch.full((B, Nd, 2), 0.2)], -1)
+    empty = torch.empty(0, dtype=torch.int64)
+    meta = DenoisingMeta(
+        groups=1,
+        pad_size=Nd // 2,
+        num_dn=Nd,
+        indices=[(empty, empty)] * B,
+        valid=torch.ones(B, Nd, dtype=torch.bool),
+        positive=torch.arange(Nd) < Nd // 2,
+    )
     return DenoisingQueries(
-        content=torch.randn(B, Nd, C, generator=g), boxes_cxcywh=boxes, attn_mask=mask, meta={"groups": 1}
+        content=torch.randn(B, Nd, C, generator=g), boxes_cxcywh=boxes, attn_mask=mask, meta=meta
     )
 
 
@@ -240,7 +250,7 @@ def test_denoising_hook_splits_outputs_and_leaves_matching_queries_alone() -> No
     assert out["dn_outputs"]["pred_logits"].shape == (2, 6, COMMON["num_classes"])
     assert out["dn_outputs"]["pred_boxes"].shape == (2, 6, 4)
     assert len(out["dn_outputs"]["aux_outputs"]) == COMMON["num_decoder_layers"] - 1
-    assert out["dn_meta"] == {"groups": 1}
+    assert out["dn_meta"] is dn.meta
     for res in (out, other):  # the mask hides the denoising queries from the matching ones
         torch.testing.assert_close(res["pred_boxes"], plain["pred_boxes"], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(res["pred_logits"], plain["pred_logits"], atol=1e-5, rtol=1e-5)

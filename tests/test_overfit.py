@@ -12,10 +12,9 @@ import torch
 
 from detr_edu import train
 from detr_edu.box_ops import box_cxcywh_to_xyxy, box_iou
+from detr_edu.build import build_model
 from detr_edu.coco_export import export_digit_scenes
-from detr_edu.config import build_model
 from detr_edu.data import build_coco, collate_detection
-from detr_edu.dino import DINO
 from detr_edu.engine import WarmupStepSchedule, train_step
 from detr_edu.postprocess import postprocess
 from detr_edu.training_presets import get_training_preset
@@ -50,7 +49,7 @@ def test_preset_overfits_two_scenes(preset: str, two_scenes) -> None:
     losses = []
     for step in range(STEPS[preset]):
         logged = train_step(model, criterion, two_scenes, optimizer, schedule=schedule, step=step,
-                            progress=step / STEPS[preset], with_targets=isinstance(model, DINO),
+                            progress=step / STEPS[preset],
                             clip_max_norm=tcfg.clip_max_norm)  # fmt: skip
         losses.append(logged["loss"])
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5

@@ -18,8 +18,9 @@ import torch
 matplotlib.use("Agg")
 
 from detr_edu import train  # noqa: E402
+from detr_edu.build import build_model  # noqa: E402
 from detr_edu.checkpoint import save_checkpoint  # noqa: E402
-from detr_edu.config import build_model, get_preset  # noqa: E402
+from detr_edu.config import get_preset  # noqa: E402
 from detr_edu.criterion import SetCriterion  # noqa: E402
 from detr_edu.engine import WarmupStepSchedule  # noqa: E402
 from detr_edu.export import FORMAT, export_weights, load_weights  # noqa: E402

@@ -12,7 +12,7 @@ from matplotlib.patches import Rectangle
 from torch import Tensor
 
 from detr_edu.box_ops import box_cxcywh_to_xyxy
-from detr_edu.deformable_transformer import FlatLevels, encoder_reference_points
+from detr_edu.levels import FlatLevels, encoder_reference_points
 
 __all__ = [
     "plot_sine_channels",
