@@ -33,7 +33,10 @@ from detr_edu.logs import final_metrics, read_log
 
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "baseline": ("dino_cpu preset (4 levels x 4 points, 30 queries, denoising, aux losses)", []),
-    "content_weights": ("Q2: weights softmax(q . k(sample)), not from the query alone", ["--model-set", "weights_from=content"]),
+    "content_weights": (
+        "Q2: weights softmax(q . k(sample)), not from the query alone",
+        ["--model-set", "weights_from=content"],
+    ),
     "1_level_16_points": (
         "Q3: 1 level (stride 8) x 16 points",
         ["--model-set", "num_points=16", "backbone.levels=[2]", "backbone.num_extra_levels=0"],
@@ -44,7 +47,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "lr_2e-4": ("learning rate 2e-4 instead of 1e-3", ["--lr", "2e-4"]),
     "128px": ("128-px images instead of 96", ["--image-size", "128"]),
     "baseline_again": ("baseline, second run (run-to-run noise)", []),
-}  # fmt: skip
+}
 LOGS = RESULTS / "ablation"
 
 
@@ -70,9 +73,14 @@ def main() -> None:
         # the baseline's second run uses another seed: the noise of the data order and initialisation
         seed = ["--seed", "43"] if name == "baseline_again" else []
         cmd = train_command(
-            "dino_cpu", coco_path=args.coco_path, out=out, minutes=args.minutes,
-            eval_every_minutes=args.eval_every_minutes, num_val=args.num_val, extra=[*seed, *extra],
-        )  # fmt: skip
+            "dino_cpu",
+            coco_path=args.coco_path,
+            out=out,
+            minutes=args.minutes,
+            eval_every_minutes=args.eval_every_minutes,
+            num_val=args.num_val,
+            extra=[*seed, *extra],
+        )
         row = run_and_summarise(cmd, out=out, keep_log_as=LOGS / f"{name}.jsonl")
         (LOGS / f"{name}.load").write_text(row["load"] + "\n", encoding="utf-8")
     write_table(args)
@@ -81,14 +89,15 @@ def main() -> None:
 def write_table(args: argparse.Namespace) -> None:
     """``ablation.md`` from every variant's kept log (so a variant can be re-run alone)."""
     lines = [
-        f"DINO (`dino_cpu`) ablations: {args.minutes:g} min of training each (evaluation excluded), one after "
-        f"the other on {machine_description()}, {args.num_val} held-out val scenes, seed 42 "
+        f"DINO (`dino_cpu`) ablations: {args.minutes:g} min of training each (evaluation excluded), "
+        f"one after the other on {machine_description()}, {args.num_val} held-out val scenes, seed 42 "
         "(43 for the second baseline). Command: `.venv/bin/python benchmarks/ablation.py "
         f"--minutes {args.minutes:g}` (or `--variants NAME ...` to re-run some; the table is rebuilt from "
         "`ablation/*.jsonl`). `AP @ N steps`: at the first evaluation (after 1.5 min), for comparing at "
         "(roughly) equal steps when a variant is faster or slower per step.",
         "",
-        "| variant | what changes | extra arguments | AP | AP50 | AR100 | steps | s/step | AP @ N steps (1st eval) | load before -> after |",
+        "| variant | what changes | extra arguments | AP | AP50 | AR100 | steps | s/step "
+        "| AP @ N steps (1st eval) | load before -> after |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, (question, extra) in VARIANTS.items():
@@ -102,8 +111,9 @@ def write_table(args: argparse.Namespace) -> None:
         load = (LOGS / f"{name}.load").read_text().strip() if (LOGS / f"{name}.load").is_file() else "n/a"
         seed = "--seed 43 " if name == "baseline_again" else ""
         lines.append(
-            f"| {name} | {question} | `{(seed + ' '.join(extra)).strip() or '-'}` | {r['AP']:.1f} | {r['AP50']:.1f} | "
-            f"{r['AR100']:.1f} | {r['steps']} | {r['s_per_step']:.3f} | {at_first} | {load} |"
+            f"| {name} | {question} | `{(seed + ' '.join(extra)).strip() or '-'}` | {r['AP']:.1f} | "
+            f"{r['AP50']:.1f} | {r['AR100']:.1f} | {r['steps']} | {r['s_per_step']:.3f} | {at_first} | "
+            f"{load} |"
         )
     table = "\n".join(lines)
     print(table)

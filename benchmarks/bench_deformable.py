@@ -206,10 +206,12 @@ def main() -> str:
         "# Deformable sampling: forward + backward on CPU",
         "",
         f"B={B}, nh={NH}, hd={HD}, P={P}, L=4; float32; torch {torch.__version__}, "
-        f"{_threads()} thread(s) (BENCH_THREADS; one thread is far steadier on a shared machine), {platform.processor() or platform.machine()}. "
-        "Times are medians of calls interleaved across methods; peak memory is the process high-water mark during one forward+backward "
-        "call minus the resident memory before it (inputs excluded). Ratios are against the grid_sample "
-        "core of the same case, measured in the same run; absolute times are from a shared machine.",
+        f"{_threads()} thread(s) (BENCH_THREADS; one thread is far steadier on a shared machine), "
+        f"{platform.processor() or platform.machine()}. "
+        "Times are medians of calls interleaved across methods; peak memory is the process high-water mark "
+        "during one forward+backward call minus the resident memory before it (inputs excluded). Ratios "
+        "are against the grid_sample core of the same case, measured in the same run; absolute times are "
+        "from a shared machine.",
         "",
         "| case | Nq | Nv | method | time | x core | peak memory | x core | how |",
         "|---|---:|---:|---|---:|---:|---:|---:|---|",

@@ -156,8 +156,9 @@ def markdown(runs: list[dict], steps: int, batch_size: int) -> str:
         ("score_padded", "score padded dn"),
     ]
     lines = [
-        f"Q5: tiny DINO (C=64, 1+2 layers, 20 queries, dn_number 20), 64-px digit scenes, batch {batch_size}, "
-        f"{steps} AdamW steps (lr 2e-4), same init/data/noise per seed. Padded dn queries: "
+        "Q5: tiny DINO (C=64, 1+2 layers, 20 queries, dn_number 20), 64-px digit scenes, "
+        f"batch {batch_size}, {steps} AdamW steps (lr 2e-4), same init/data/noise per seed. "
+        "Padded dn queries: "
         f"{100 * runs[0]['padded_fraction']:.0f} % of the denoising queries of the last batch.",
         "",
         "| variant | seed | " + " | ".join(name for _, name in cols) + " |",
@@ -175,8 +176,9 @@ def markdown(runs: list[dict], steps: int, batch_size: int) -> str:
         )
     lines += [
         "",
-        "hit rate: share of ground-truth boxes whose Hungarian-matched prediction has the right class and IoU > 0.5. "
-        "score: mean max class probability of the last decoder layer on the last training batch.",
+        "hit rate: share of ground-truth boxes whose Hungarian-matched prediction has the right class "
+        "and IoU > 0.5. score: mean max class probability of the last decoder layer on the last "
+        "training batch.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -135,11 +135,12 @@ def main() -> None:
     rows = [bench_config(matcher, *config, repeats=args.repeats) for config in CONFIGS]
 
     header = (
-        f"Hungarian matcher, batched cost (package) vs per-image loop (baseline); torch threads = {args.threads}, "
-        f"median of {args.repeats}.\n"
-        "Speed-up > 1 means the package's batched cost is faster. Assignment share = fraction of the matcher's "
-        "time spent in linear_sum_assignment.\n\n"
-        "| configuration | cost speed-up (loop / batched) | assignment share, batched | assignment share, loop "
+        "Hungarian matcher, batched cost (package) vs per-image loop (baseline); "
+        f"torch threads = {args.threads}, median of {args.repeats}.\n"
+        "Speed-up > 1 means the package's batched cost is faster. Assignment share = fraction of the "
+        "matcher's time spent in linear_sum_assignment.\n\n"
+        "| configuration | cost speed-up (loop / batched) | assignment share, batched "
+        "| assignment share, loop "
         "| whole matcher speed-up (loop / package) | package time per batch (ms, this machine) |\n"
         "|---|---:|---:|---:|---:|---:|\n"
     )

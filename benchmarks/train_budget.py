@@ -41,9 +41,14 @@ def main() -> None:
     for preset in args.presets:
         out = args.runs_dir / preset
         cmd = train_command(
-            preset, coco_path=args.coco_path, out=out, minutes=args.minutes,
-            eval_every_minutes=args.eval_every_minutes, num_val=args.num_val, extra=args.extra,
-        )  # fmt: skip
+            preset,
+            coco_path=args.coco_path,
+            out=out,
+            minutes=args.minutes,
+            eval_every_minutes=args.eval_every_minutes,
+            num_val=args.num_val,
+            extra=args.extra,
+        )
         row = run_and_summarise(cmd, out=out, keep_log_as=RESULTS / "train_budget" / f"{preset}.jsonl")
         rows.append({"preset": preset, **row})
     lines = [

@@ -33,21 +33,52 @@ def ensure_digits(path: Path, *, num_train: int = 4000, num_val: int = 500, seed
     if (path / "annotations" / "instances_val2017.json").is_file():
         return
     subprocess.run(
-        [sys.executable, "-m", "detr_edu.coco_export", "--out", str(path), "--train", str(num_train),
-         "--val", str(num_val), "--seed", str(seed)],
+        [
+            sys.executable,
+            "-m",
+            "detr_edu.coco_export",
+            "--out",
+            str(path),
+            "--train",
+            str(num_train),
+            "--val",
+            str(num_val),
+            "--seed",
+            str(seed),
+        ],
         check=True,
-    )  # fmt: skip
+    )
 
 
 def train_command(
-    preset: str, *, coco_path: Path, out: Path, minutes: float, eval_every_minutes: float, num_val: int,
+    preset: str,
+    *,
+    coco_path: Path,
+    out: Path,
+    minutes: float,
+    eval_every_minutes: float,
+    num_val: int,
     extra: Sequence[str] = (),
-) -> list[str]:  # fmt: skip
+) -> list[str]:
     return [
-        sys.executable, "-m", "detr_edu.train", "--preset", preset, "--coco-path", str(coco_path),
-        "--output-dir", str(out), "--budget-minutes", str(minutes), "--eval-every-minutes",
-        str(eval_every_minutes), "--num-val", str(num_val), "--no-progress", *extra,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "detr_edu.train",
+        "--preset",
+        preset,
+        "--coco-path",
+        str(coco_path),
+        "--output-dir",
+        str(out),
+        "--budget-minutes",
+        str(minutes),
+        "--eval-every-minutes",
+        str(eval_every_minutes),
+        "--num-val",
+        str(num_val),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def run_and_summarise(cmd: list[str], *, out: Path, keep_log_as: Path) -> dict:
@@ -69,6 +100,6 @@ def run_and_summarise(cmd: list[str], *, out: Path, keep_log_as: Path) -> dict:
 def machine_description() -> str:
     """E.g. ``2 CPU cores (x86_64), torch 2.14.1, 2 threads``: the first line of every results table."""
     return (
-        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
+        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )

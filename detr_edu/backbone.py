@@ -182,7 +182,8 @@ class ResNetBackbone(nn.Module):
             missing = [k for k in missing if not k.startswith("fc.")]
             if missing or unexpected:
                 raise ValueError(
-                    f"weights in {str(path)!r} do not fit ResNet-{depth}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+                    f"weights in {str(path)!r} do not fit ResNet-{depth}: missing {missing[:3]}, "
+                    f"unexpected {unexpected[:3]}"
                 )
         self.stem = nn.Sequential(
             net.conv1, net.bn1, net.relu, nn.Identity() if drop_maxpool else net.maxpool

@@ -23,7 +23,7 @@ Two families:
 Configs are dataclasses so a preset can be edited with :func:`dataclasses.replace` and saved into a
 checkpoint with :func:`dataclasses.asdict`. This module imports no other ``detr_edu`` module: every
 model imports its config from here, and :mod:`detr_edu.build` turns a config into a model.
-"""
+"""  # noqa: E501
 
 from __future__ import annotations
 

@@ -49,7 +49,8 @@ Indices = list[tuple[Tensor, Tensor]]
 
 
 class Matcher(Protocol):
-    """``matcher(outputs, targets, validate=False) -> indices``, e.g. :class:`~detr_edu.matcher.HungarianMatcher`.
+    """``matcher(outputs, targets, validate=False) -> indices``, e.g.
+    :class:`~detr_edu.matcher.HungarianMatcher`.
 
     The criterion validates predictions and targets once per call and asks the matcher not to
     check them again (``validate=False``).

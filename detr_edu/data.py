@@ -158,7 +158,8 @@ class CocoDetection(torch.utils.data.Dataset):
                 raise CocoFormatError(f"{path}: image id {image_id} has size {width}x{height}")
             if check_images and not (self.image_dir / file_name).is_file():
                 raise CocoFormatError(
-                    f"{self.image_dir / file_name}: image file of image id {image_id} (listed in {path}) not found"
+                    f"{self.image_dir / file_name}: image file of image id {image_id} "
+                    f"(listed in {path}) not found"
                 )
             images[image_id] = {"file_name": file_name, "width": width, "height": height}
 

@@ -91,7 +91,8 @@ def deformable_sampling(
 ) -> Tensor:
     """Bilinearly sample every level at the given locations and sum the samples with the weights.
 
-    out[b, q, h*hd:(h+1)*hd] = sum_{l, p} weights[b, q, h, l, p] * bilinear(value_l[b, :, h], loc[b, q, h, l, p])
+    out[b, q, h*hd:(h+1)*hd] = sum_{l, p} weights[b, q, h, l, p] *
+    bilinear(value_l[b, :, h], loc[b, q, h, l, p])
 
     One ``F.grid_sample`` call per level covers all batches, heads, queries and points at once
     (heads are folded into the batch dimension), so the only Python loop is over the L levels.
@@ -161,11 +162,14 @@ def deformable_samples(value: Tensor, spatial_shapes: Tensor, sampling_locations
     grids = (2 * sampling_locations - 1).transpose(1, 2).flatten(0, 1)  # (B*nh, Nq, L, P, 2)
     samples = [
         F.grid_sample(
-            value_levels[lvl].view(B * nh, hd, h, w), grids[:, :, lvl], mode="bilinear",
-            padding_mode="zeros", align_corners=False,
+            value_levels[lvl].view(B * nh, hd, h, w),
+            grids[:, :, lvl],
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=False,
         )  # (B*nh, hd, Nq, P)
         for lvl, (h, w) in enumerate(shapes)
-    ]  # fmt: skip
+    ]
     samples = torch.stack(samples, dim=3)  # (B*nh, hd, Nq, L, P)
     samples = samples.view(B, nh, hd, Nq, L, P)  # (B, nh, hd, Nq, L, P)
     return samples.permute(0, 3, 1, 4, 5, 2)  # (B, Nq, nh, L, P, hd)
@@ -250,8 +254,8 @@ def offsets_to_locations(reference_points: Tensor, offsets: Tensor, spatial_shap
     B, Nq, nh, L, P, _ = offsets.shape
     if tuple(reference_points.shape[:3]) != (B, Nq, L):
         raise ValueError(
-            f"reference_points {tuple(reference_points.shape)} must be (B, Nq, L, 2|4) = ({B}, {Nq}, {L}, 2|4) "
-            f"to match offsets {tuple(offsets.shape)}"
+            f"reference_points {tuple(reference_points.shape)} must be (B, Nq, L, 2|4) "
+            f"= ({B}, {Nq}, {L}, 2|4) to match offsets {tuple(offsets.shape)}"
         )
     if spatial_shapes.shape[0] != L:
         raise ValueError(f"offsets have {L} levels but spatial_shapes has {spatial_shapes.shape[0]}")
@@ -414,7 +418,8 @@ class MultiScaleDeformableAttention(nn.Module):
         ):
             raise ValueError(
                 f"level_start_index {level_start_index.tolist()} does not match spatial_shapes "
-                f"{spatial_shapes.tolist()} (expected {level_start_index_from_shapes(spatial_shapes).tolist()})"
+                f"{spatial_shapes.tolist()} "
+                f"(expected {level_start_index_from_shapes(spatial_shapes).tolist()})"
             )
         if reference_points.dim() != 4 or reference_points.shape[-1] not in (2, 4):
             raise ValueError(

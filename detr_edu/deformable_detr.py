@@ -1,6 +1,6 @@
 """Deformable DETR (Zhu et al. 2021), from the course's blocks, with its two ablation flags.
 
-The forward pass, as the source note lists it (DIGEST sec. 2.2), one line each in
+The forward pass, as the study note "DETR Series 2.0" lists it (§2.2), one line each in
 :meth:`DeformableDETR.forward_features`:
 
 1. backbone + neck: L levels (B, C, H_l, W_l) and their padding masks (:mod:`detr_edu.backbone`);

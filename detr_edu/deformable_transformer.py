@@ -250,7 +250,8 @@ class DeformableDecoder(nn.Module):
             or reference_points.shape[-1] not in (2, 4)
         ):
             raise ValueError(
-                f"reference_points must be (B, Nq, 2|4) = ({B}, {Nq}, 2|4), got shape {tuple(reference_points.shape)}"
+                f"reference_points must be (B, Nq, 2|4) = ({B}, {Nq}, 2|4), "
+                f"got shape {tuple(reference_points.shape)}"
             )
         if query_pos is not None and query_pos_from_ref is not None:
             raise ValueError("give either query_pos or query_pos_from_ref, not both")

@@ -205,7 +205,8 @@ def noise_boxes(
         raise ValueError(f"boxes_cxcywh must be (N, 4), got {tuple(boxes_cxcywh.shape)}")
     if negative.shape != boxes_cxcywh.shape[:1] or negative.dtype != torch.bool:
         raise ValueError(
-            f"negative must be bool (N,) = ({boxes_cxcywh.shape[0]},), got {negative.dtype} {tuple(negative.shape)}"
+            f"negative must be bool (N,) = ({boxes_cxcywh.shape[0]},), "
+            f"got {negative.dtype} {tuple(negative.shape)}"
         )
     if box_noise_scale < 0:
         raise ValueError(f"box_noise_scale must be >= 0, got {box_noise_scale}")
@@ -414,7 +415,8 @@ class ContrastiveDenoising(nn.Module):
         denoising_groups(dn_number, 1)  # validates dn_number
         if not 0.0 <= label_noise_ratio <= 1.0 or box_noise_scale < 0:
             raise ValueError(
-                f"need 0 <= label_noise_ratio <= 1 and box_noise_scale >= 0, got {label_noise_ratio}, {box_noise_scale}"
+                "need 0 <= label_noise_ratio <= 1 and box_noise_scale >= 0, "
+                f"got {label_noise_ratio}, {box_noise_scale}"
             )
         self.label_embed = nn.Embedding(num_classes, embed_dim)
         self.num_classes = num_classes

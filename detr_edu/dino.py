@@ -1,7 +1,8 @@
 """DINO (Zhang et al. 2022, "DINO: DETR with Improved DeNoising Anchor Boxes"), from the course's blocks.
 
 What DINO keeps from Deformable DETR: the backbone and neck, the multi-scale deformable encoder
-(:class:`~detr_edu.deformable_transformer.MultiScaleEncoder`, shared with Deformable DETR), two-stage proposals and box refinement.
+(:class:`~detr_edu.deformable_transformer.MultiScaleEncoder`, shared with Deformable DETR), two-stage
+proposals and box refinement.
 What it adds, each a few lines of :meth:`DINO.forward_features`:
 
 * **Mixed query selection** (sec. 3.4): the top-K encoder proposals give the decoder its reference
@@ -254,11 +255,13 @@ class DINO(nn.Module):
         Nd, C, Nq = dn.num_queries, self.embed_dim, self.num_queries
         if dn.content.shape != (batch_size, Nd, C):
             raise ValueError(
-                f"denoising.content must be (B, Nd, C) = ({batch_size}, Nd, {C}), got {tuple(dn.content.shape)}"
+                f"denoising.content must be (B, Nd, C) = ({batch_size}, Nd, {C}), "
+                f"got {tuple(dn.content.shape)}"
             )
         if dn.boxes_cxcywh.shape != (batch_size, Nd, 4):
             raise ValueError(
-                f"denoising.boxes_cxcywh must be (B, Nd, 4) = ({batch_size}, {Nd}, 4), got {tuple(dn.boxes_cxcywh.shape)}"
+                f"denoising.boxes_cxcywh must be (B, Nd, 4) = ({batch_size}, {Nd}, 4), "
+                f"got {tuple(dn.boxes_cxcywh.shape)}"
             )
         if dn.attn_mask.shape != (Nd + Nq, Nd + Nq) or dn.attn_mask.dtype != torch.bool:
             raise ValueError(

@@ -28,7 +28,8 @@ __all__ = ["DistContext", "init_distributed", "reduce_mean", "barrier", "cleanup
 
 @dataclass(frozen=True)
 class DistContext:
-    """Where this process sits: ``rank`` of ``world_size``, its ``local_rank`` on the machine and ``device``."""
+    """Where this process sits: ``rank`` of ``world_size``, its ``local_rank`` on the machine and
+    ``device``."""
 
     rank: int
     world_size: int

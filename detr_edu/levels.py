@@ -238,7 +238,8 @@ def decoder_reference_points(reference_points: Tensor, valid_ratios: Tensor) -> 
         or valid_ratios.shape[0] != reference_points.shape[0]
     ):
         raise ValueError(
-            f"valid_ratios must be (B={reference_points.shape[0]}, L, 2), got shape {tuple(valid_ratios.shape)}"
+            f"valid_ratios must be (B={reference_points.shape[0]}, L, 2), "
+            f"got shape {tuple(valid_ratios.shape)}"
         )
     ratios = valid_ratios if reference_points.shape[-1] == 2 else torch.cat([valid_ratios, valid_ratios], -1)
     return reference_points[:, :, None, :] * ratios[:, None, :, :]  # (B, Nq, L, 2|4)

@@ -205,7 +205,8 @@ def box_sine_embedding(
 ) -> Tensor:
     """Sine features of normalised points (x, y) or boxes (cx, cy, w, h).
 
-    The coordinates are reordered to ``(y, x)`` or ``(cy, cx, w, h)`` so that the first 2F channels follow the image embedding's (y, x) layout: for a pixel centre ``(x, y)`` this
+    The coordinates are reordered to ``(y, x)`` or ``(cy, cx, w, h)`` so that the first 2F channels
+    follow the image embedding's (y, x) layout: for a pixel centre ``(x, y)`` this
     equals :func:`sine_position_embedding` with ``offset=-0.5`` at that pixel (DINO's
     ``gen_sineembed_for_position`` makes the same choice).
 

@@ -10,8 +10,9 @@ empty, so the paste square would be a loose, wrong box.
 The 1,797 digit images are split once, per class, 80/20 into ``"train"`` and ``"val"`` with a fixed
 permutation (:func:`digit_split`), so that a validation scene never shows a digit image seen in a
 training scene. (The split is by image, not by writer: scikit-learn's digits are the UCI test set,
-written by 13 people, with no writer ids.) Everything is deterministic: scene ``index`` of ``DigitScenes(seed=s, split=...)``
-is the same on every machine and does not depend on how many scenes the dataset holds.
+written by 13 people, with no writer ids.) Everything is deterministic: scene ``index`` of
+``DigitScenes(seed=s, split=...)`` is the same on every machine and does not depend on how many
+scenes the dataset holds.
 
 Chapter 05 draws matching examples on these scenes; chapter 08 builds its COCO-format dataset
 on :class:`DigitScenes`.

@@ -33,7 +33,8 @@ def check_targets(targets: Sequence[Mapping[str, Tensor]], *, num_classes: int |
         labels, boxes = target["labels"], target["boxes"]
         if labels.dim() != 1 or labels.dtype != torch.int64:
             raise ValueError(
-                f"targets[{b}]['labels'] must be int64 of shape (G,), got {labels.dtype} {tuple(labels.shape)}"
+                f"targets[{b}]['labels'] must be int64 of shape (G,), "
+                f"got {labels.dtype} {tuple(labels.shape)}"
             )
         if boxes.shape != (labels.shape[0], 4):
             raise ValueError(

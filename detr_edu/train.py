@@ -356,8 +356,16 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> int:
     if not args.no_final_eval and progress.last_eval_step != progress.step:
         eval_and_log(run, progress)
     save(run, progress)
-    run.logger({"type": "end", "reason": stop, "epoch": progress.epoch, "step": progress.step,
-                "elapsed_s": round(progress.elapsed_s, 2)}, echo=True)  # fmt: skip
+    run.logger(
+        {
+            "type": "end",
+            "reason": stop,
+            "epoch": progress.epoch,
+            "step": progress.step,
+            "elapsed_s": round(progress.elapsed_s, 2),
+        },
+        echo=True,
+    )
     return 0
 
 
@@ -601,10 +609,17 @@ def train_epoch(
     for batch in loader:
         batch = batch.to(run.ctx.device)
         logged = train_step(
-            ddp_model, run.criterion, batch, run.optimizer, schedule=run.schedule, step=progress.step,
-            progress=length.fraction(progress), amp=run.amp, scaler=run.scaler,
+            ddp_model,
+            run.criterion,
+            batch,
+            run.optimizer,
+            schedule=run.schedule,
+            step=progress.step,
+            progress=length.fraction(progress),
+            amp=run.amp,
+            scaler=run.scaler,
             clip_max_norm=tcfg.clip_max_norm,
-        )  # fmt: skip
+        )
         progress.elapsed_s += time.perf_counter() - tick
         progress.step += 1
         progress.step_in_epoch += 1
@@ -613,8 +628,15 @@ def train_epoch(
             sums[k] = sums.get(k, 0.0) + v
         _update_bar(bar, smoothed, logged)
         if args.log_every and progress.step % args.log_every == 0:
-            run.logger({"type": "train", "epoch": epoch, "step": progress.step,
-                        "elapsed_s": round(progress.elapsed_s, 3), **logged})  # fmt: skip
+            run.logger(
+                {
+                    "type": "train",
+                    "epoch": epoch,
+                    "step": progress.step,
+                    "elapsed_s": round(progress.elapsed_s, 3),
+                    **logged,
+                }
+            )
         stop = _stop_reason(args, length, progress)
         if stop is None and tcfg.eval_every_minutes and progress.elapsed_s >= progress.next_eval_s:
             if progress.step > 1:  # not before any training
@@ -649,8 +671,16 @@ def end_epoch(run: Run, progress: Progress, means: dict[str, float], length: Run
     epoch = progress.epoch
     progress.epoch += 1
     progress.step_in_epoch = 0
-    run.logger({"type": "epoch", "epoch": epoch, "step": progress.step,
-                "elapsed_s": round(progress.elapsed_s, 2), **means}, echo=True)  # fmt: skip
+    run.logger(
+        {
+            "type": "epoch",
+            "epoch": epoch,
+            "step": progress.step,
+            "elapsed_s": round(progress.elapsed_s, 2),
+            **means,
+        },
+        echo=True,
+    )
     tcfg = run.tcfg
     evaluate_now = (
         length.budget_s is None

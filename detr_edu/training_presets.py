@@ -29,7 +29,7 @@ architectures, not recipes). Differences from the GPU recipes, and why (measured
 * one image size, 96 px (the 128-px scenes scaled by 0.75): 1.8x fewer pixels per step, and the
   digits (12-36 px after scaling) stay well above the stride-8 feature resolution;
 * no horizontal flip: a mirrored digit is not the same digit (a mirrored 2 is not a 2).
-"""
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -140,20 +140,40 @@ def get_training_preset(name: str) -> TrainConfig:
     }
     if name == "detr_r50_coco":  # Carion et al. 2020, sec. 4 "Technical details" and A.4
         return TrainConfig(
-            model_preset=name, lr=1e-4, lr_backbone=1e-5, batch_size=4, epochs=500, lr_drop=0.8,
+            model_preset=name,
+            lr=1e-4,
+            lr_backbone=1e-5,
+            batch_size=4,
+            epochs=500,
+            lr_drop=0.8,
             loss_weights={"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0},
-            class_loss="ce", eos_coef=0.1, cost_class=1.0, **coco,
-        )  # fmt: skip
+            class_loss="ce",
+            eos_coef=0.1,
+            cost_class=1.0,
+            **coco,
+        )
     if name == "deformable_detr_r50_coco":  # Zhu et al. 2021, sec. 5 and A.2
         return TrainConfig(
-            model_preset=name, lr=2e-4, lr_backbone=2e-5, batch_size=4, epochs=50, lr_drop=0.8,
-            loss_weights={"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}, **coco,
-        )  # fmt: skip
+            model_preset=name,
+            lr=2e-4,
+            lr_backbone=2e-5,
+            batch_size=4,
+            epochs=50,
+            lr_drop=0.8,
+            loss_weights={"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0},
+            **coco,
+        )
     if name == "dino_r50_coco":  # Zhang et al. 2022, sec. 4.1 (12-epoch "1x" schedule)
         return TrainConfig(
-            model_preset=name, lr=1e-4, lr_backbone=1e-5, batch_size=2, epochs=12, lr_drop=11 / 12,
-            loss_weights={"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}, **coco,
-        )  # fmt: skip
+            model_preset=name,
+            lr=1e-4,
+            lr_backbone=1e-5,
+            batch_size=2,
+            epochs=12,
+            lr_drop=11 / 12,
+            loss_weights={"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0},
+            **coco,
+        )
     if name == "detr_cpu":
         # the course's DETR uses the sigmoid/focal head (config.DETRConfig), like the other two
         return TrainConfig(

@@ -179,7 +179,8 @@ class TwoStageProposer(nn.Module):
         """
         if memory.dim() != 3 or memory.shape[:2] != padding_mask.shape:
             raise ValueError(
-                f"memory (B, Nv, C) {tuple(memory.shape)} and padding_mask (B, Nv) {tuple(padding_mask.shape)} disagree"
+                f"memory (B, Nv, C) {tuple(memory.shape)} and padding_mask (B, Nv) "
+                f"{tuple(padding_mask.shape)} disagree"
             )
         proposals = encoder_proposals(
             padding_mask, spatial_shapes, base_size=self.base_size, border=self.border
@@ -187,8 +188,9 @@ class TwoStageProposer(nn.Module):
         num_valid = proposals.valid.sum(1)  # (B,)
         if (num_valid < self.num_queries).any():
             raise ValueError(
-                f"two-stage selection needs num_queries={self.num_queries} valid encoder positions per image, "
-                f"but an image has only {int(num_valid.min())} (images too small for this many queries)"
+                f"two-stage selection needs num_queries={self.num_queries} valid encoder positions per "
+                f"image, but an image has only {int(num_valid.min())} (images too small for this many "
+                "queries)"
             )
         out_memory = memory.masked_fill(~proposals.valid[..., None], 0.0)  # (B, Nv, C) invalid -> 0
         out_memory = self.memory_norm(self.memory_proj(out_memory))  # (B, Nv, C)

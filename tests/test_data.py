@@ -102,13 +102,16 @@ def test_missing_image_names_file_and_id(digits: Path, tmp_path: Path) -> None:
         ds[1]
 
 
-@pytest.mark.parametrize(("bbox", "message"), [
-    ([10, 10, 0, 5], "annotation id 1 .* non-positive size"),
-    ([10, 10, 5, -2], "annotation id 1 .* non-positive size"),
-    ([120, 10, 20, 5], "annotation id 1 .* outside the image"),
-    ([-5, 10, 20, 5], "annotation id 1 .* outside the image"),
-    ([10, 10, 5], r"annotation id 1 needs 'bbox' as \[x, y, width, height\]"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("bbox", "message"),
+    [
+        ([10, 10, 0, 5], "annotation id 1 .* non-positive size"),
+        ([10, 10, 5, -2], "annotation id 1 .* non-positive size"),
+        ([120, 10, 20, 5], "annotation id 1 .* outside the image"),
+        ([-5, 10, 20, 5], "annotation id 1 .* outside the image"),
+        ([10, 10, 5], r"annotation id 1 needs 'bbox' as \[x, y, width, height\]"),
+    ],
+)
 def test_bad_boxes_name_annotation(digits: Path, tmp_path: Path, bbox: list, message: str) -> None:
     root = _copy(digits, tmp_path / "d")
 

@@ -190,9 +190,14 @@ def test_layer_matches_manual_composition(ref_dim):
     query, value, ref, shapes, start = _layer_inputs(ref_dim=ref_dim)
     pos = torch.randn_like(query)
     out, loc, weights = attn(
-        query, value=value, query_pos=pos, reference_points=ref, spatial_shapes=shapes,
-        level_start_index=start, return_sampling=True,
-    )  # fmt: skip
+        query,
+        value=value,
+        query_pos=pos,
+        reference_points=ref,
+        spatial_shapes=shapes,
+        level_start_index=start,
+        return_sampling=True,
+    )
     B, Nq, C = query.shape
     q = query + pos
     offsets = attn.sampling_offsets(q).view(B, Nq, 4, 4, 3, 2)
@@ -243,9 +248,14 @@ def test_content_weights_match_manual_composition(ref_dim):
     mask = torch.zeros(value.shape[:2], dtype=torch.bool)
     mask[1, -5:] = True  # some padding in the second image
     out, loc, weights = attn(
-        query, value=value, reference_points=ref, spatial_shapes=shapes, level_start_index=start,
-        key_padding_mask=mask, return_sampling=True,
-    )  # fmt: skip
+        query,
+        value=value,
+        reference_points=ref,
+        spatial_shapes=shapes,
+        level_start_index=start,
+        key_padding_mask=mask,
+        return_sampling=True,
+    )
     B, Nq, _ = query.shape
     v = attn.value_proj(value).masked_fill(mask[..., None], 0.0).view(B, -1, nh, hd)
     k = attn.key_proj(value).masked_fill(mask[..., None], 0.0).view(B, -1, nh, hd)
@@ -275,8 +285,13 @@ def test_content_weights_gradcheck_float64():
     ref = torch.rand(1, 3, 2, 2, dtype=torch.float64) * 0.8 + 0.1
 
     def f(query, value):
-        return attn(query, value=value, reference_points=ref, spatial_shapes=shapes,
-                    level_start_index=level_start_index_from_shapes(shapes))  # fmt: skip
+        return attn(
+            query,
+            value=value,
+            reference_points=ref,
+            spatial_shapes=shapes,
+            level_start_index=level_start_index_from_shapes(shapes),
+        )
 
     assert torch.autograd.gradcheck(f, (query, value))
     with pytest.raises(ValueError, match="weights_from"):
@@ -320,9 +335,13 @@ def test_dropout_only_on_the_projected_output():
     query, value, ref, shapes, start = _layer_inputs()
     identity = torch.randn_like(query)
     out = attn(
-        query, value=value, identity=identity, reference_points=ref, spatial_shapes=shapes,
+        query,
+        value=value,
+        identity=identity,
+        reference_points=ref,
+        spatial_shapes=shapes,
         level_start_index=start,
-    )  # fmt: skip
+    )
     torch.testing.assert_close(out, identity)  # dropout p=1 leaves only the identity
 
 

@@ -18,8 +18,24 @@ import pytest
 
 from detr_edu.coco_export import export_digit_scenes
 
-ARGS = ["--preset", "detr_cpu", "--image-size", "64", "--backbone-norm", "group", "--max-iters", "1",
-        "--log-every", "1", "--no-final-eval", "--no-progress", "--num-workers", "0", "--seed", "3"]  # fmt: skip
+ARGS = [
+    "--preset",
+    "detr_cpu",
+    "--image-size",
+    "64",
+    "--backbone-norm",
+    "group",
+    "--max-iters",
+    "1",
+    "--log-every",
+    "1",
+    "--no-final-eval",
+    "--no-progress",
+    "--num-workers",
+    "0",
+    "--seed",
+    "3",
+]
 
 
 def _first_step(out: Path) -> dict:
@@ -32,15 +48,40 @@ def test_two_process_torchrun_matches_single_process(tmp_path: Path) -> None:
     digits = export_digit_scenes(tmp_path / "digits", num_train=8, num_val=2, seed=1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = tmp_path / "single"
-    cmd = [sys.executable, "-m", "detr_edu.train", *ARGS, "--coco-path", str(digits), "--output-dir", str(single),
-           "--batch-size", "4"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "detr_edu.train",
+        *ARGS,
+        "--coco-path",
+        str(digits),
+        "--output-dir",
+        str(single),
+        "--batch-size",
+        "4",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
 
     ddp = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "detr_edu.train", *ARGS, "--coco-path", str(digits), "--output-dir", str(ddp),
-           "--batch-size", "2", "--device", "cpu"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "detr_edu.train",
+        *ARGS,
+        "--coco-path",
+        str(digits),
+        "--output-dir",
+        str(ddp),
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 

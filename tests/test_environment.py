@@ -2,9 +2,8 @@
 README's commands must be the ones CI runs."""
 
 import re
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # conda-forge names that differ from PyPI names
@@ -64,8 +63,17 @@ def test_environment_yml_names_the_same_dependencies_as_pyproject():
 
 
 def test_python_requirement_admits_the_environment_python():
+    # 3.11: the course's Python (README, environment.yml), and the first with tomllib (used here)
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert project["requires-python"] == ">=3.10"
+    assert project["requires-python"] == ">=3.11"
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["ruff"]["target-version"] == "py311"
+
+
+def test_readme_package_map_names_every_module():
+    readme = (ROOT / "README.md").read_text()
+    modules = sorted(p.name for p in (ROOT / "detr_edu").glob("*.py") if p.name != "__init__.py")
+    missing = [m for m in modules if f"`{m}`" not in readme]
+    assert not missing, f"README's package map does not mention {missing}"
 
 
 def test_readme_install_and_test_commands_are_the_ones_ci_runs():

@@ -48,9 +48,16 @@ def test_preset_overfits_two_scenes(preset: str, two_scenes) -> None:
     model.train()
     losses = []
     for step in range(STEPS[preset]):
-        logged = train_step(model, criterion, two_scenes, optimizer, schedule=schedule, step=step,
-                            progress=step / STEPS[preset],
-                            clip_max_norm=tcfg.clip_max_norm)  # fmt: skip
+        logged = train_step(
+            model,
+            criterion,
+            two_scenes,
+            optimizer,
+            schedule=schedule,
+            step=step,
+            progress=step / STEPS[preset],
+            clip_max_norm=tcfg.clip_max_norm,
+        )
         losses.append(logged["loss"])
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first / 10, f"{preset}: loss {first:.2f} -> {last:.2f}"

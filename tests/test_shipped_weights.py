@@ -38,6 +38,10 @@ def test_shipped_model_detects_held_out_digits(tmp_path: Path) -> None:
     val = build_coco(root, "val", transforms=make_transforms(train=False, sizes=[96], max_size=None))
     loader = DataLoader(Subset(val, range(100)), batch_size=10, collate_fn=collate_detection)
     model, _ = load_shipped()
-    metrics = evaluate(model, loader, CocoEvaluator(coco_json=val.coco_json, category_ids=val.category_ids),
-                       device=torch.device("cpu"))  # fmt: skip
+    metrics = evaluate(
+        model,
+        loader,
+        CocoEvaluator(coco_json=val.coco_json, category_ids=val.category_ids),
+        device=torch.device("cpu"),
+    )
     assert metrics["AP"] >= 30.0 and metrics["AP50"] >= 50.0, metrics

@@ -33,8 +33,20 @@ def _log(out: Path, kind: str) -> list[dict]:
 @pytest.mark.slow
 def test_cli_two_iterations_dino(digits: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "detr_edu.train", "--preset", "dino_cpu", "--coco-path", str(digits),
-           "--output-dir", str(out), "--max-iters", "2", *FAST]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "detr_edu.train",
+        "--preset",
+        "dino_cpu",
+        "--coco-path",
+        str(digits),
+        "--output-dir",
+        str(out),
+        "--max-iters",
+        "2",
+        *FAST,
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     steps = _log(out, "train")

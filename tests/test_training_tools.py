@@ -52,8 +52,15 @@ def test_read_log_series_and_final_metrics(tmp_path: Path) -> None:
     assert series(records, "loss", x="step") == ([10, 20, 30], [10.0, 8.0, 6.0])
     assert series(records, "AP", kind="eval") == ([10.0, 20.0], [5.0, 7.5])
     final = final_metrics(records)
-    assert final == {"AP": 7.5, "AP50": 12.0, "AP75": 6.0, "AR100": 15.0, "steps": 40, "elapsed_s": 20.0,
-                     "s_per_step": 0.5}  # fmt: skip
+    assert final == {
+        "AP": 7.5,
+        "AP50": 12.0,
+        "AP75": 6.0,
+        "AR100": 15.0,
+        "steps": 40,
+        "elapsed_s": 20.0,
+        "s_per_step": 0.5,
+    }
     # a run that never evaluated: NaN metrics, length from its last record
     unevaluated = final_metrics(RECORDS[:3])
     assert math.isnan(unevaluated["AP"]) and unevaluated["steps"] == 20
@@ -87,10 +94,17 @@ def test_plots_return_figures_with_the_logged_data() -> None:
         plot_runs({"a": RECORDS}, x="epoch")
     images = [torch.rand(3, 32, 32), torch.rand(3, 32, 32)]
     dets = [
-        {"scores": torch.tensor([0.9, 0.2]), "labels": torch.tensor([3, 1]),
-         "boxes_xyxy_px": torch.tensor([[1.0, 2.0, 10.0, 12.0], [0.0, 0.0, 5.0, 5.0]])},
-        {"scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long), "boxes_xyxy_px": torch.zeros(0, 4)},
-    ]  # fmt: skip
+        {
+            "scores": torch.tensor([0.9, 0.2]),
+            "labels": torch.tensor([3, 1]),
+            "boxes_xyxy_px": torch.tensor([[1.0, 2.0, 10.0, 12.0], [0.0, 0.0, 5.0, 5.0]]),
+        },
+        {
+            "scores": torch.zeros(0),
+            "labels": torch.zeros(0, dtype=torch.long),
+            "boxes_xyxy_px": torch.zeros(0, 4),
+        },
+    ]
     targets = [
         {"boxes_xyxy_px": torch.tensor([[1.0, 2.0, 11.0, 12.0]])},
         {"boxes_xyxy_px": torch.zeros(0, 4)},
@@ -116,11 +130,23 @@ def _training_checkpoint(path: Path, preset: str = "detr_cpu") -> tuple[torch.nn
     model = build_model(cfg).eval()
     import dataclasses
 
-    save_checkpoint(path, {
-        "model": model.state_dict(), "optimizer": {}, "scheduler": None, "scaler": None, "epoch": 0, "step": 7,
-        "rng": {}, "config": {"model": {"model": type(cfg).__name__, **dataclasses.asdict(cfg)}, "train": {"lr": 1e-3}},
-        "category_ids": list(range(1, 11)),
-    })  # fmt: skip
+    save_checkpoint(
+        path,
+        {
+            "model": model.state_dict(),
+            "optimizer": {},
+            "scheduler": None,
+            "scaler": None,
+            "epoch": 0,
+            "step": 7,
+            "rng": {},
+            "config": {
+                "model": {"model": type(cfg).__name__, **dataclasses.asdict(cfg)},
+                "train": {"lr": 1e-3},
+            },
+            "category_ids": list(range(1, 11)),
+        },
+    )
     return model, path
 
 
@@ -168,10 +194,15 @@ def test_model_set_overrides_and_errors() -> None:
     )
     assert (new.num_points, new.backbone.levels, new.weights_from, new.dn_number) == (16, (2,), "content", 0)
     assert (cfg.num_points, cfg.backbone.levels, cfg.weights_from) == (4, (2, 3, 4), "query")  # untouched
-    for items, message in ((["nope=1"], "no field 'nope'"), (["backbone.nope=1"], "no field 'nope'"),
-                           (["num_points"], "KEY=VALUE"), (["decoder.x=1"], "only fields"),
-                           (["num_points=abc"], "expected int"), (["num_points=true"], "expected int"),
-                           (["look_forward_twice=1"], "expected bool")):  # fmt: skip
+    for items, message in (
+        (["nope=1"], "no field 'nope'"),
+        (["backbone.nope=1"], "no field 'nope'"),
+        (["num_points"], "KEY=VALUE"),
+        (["decoder.x=1"], "only fields"),
+        (["num_points=abc"], "expected int"),
+        (["num_points=true"], "expected int"),
+        (["look_forward_twice=1"], "expected bool"),
+    ):
         with pytest.raises(ValueError, match=message):
             train.apply_overrides(cfg, items)
     args = train.parse_args(
@@ -189,8 +220,10 @@ def test_aux_loss_off_keeps_only_the_last_layer_terms() -> None:
         return {"pred_logits": torch.randn(B, Nq, K), "pred_boxes": torch.rand(B, Nq, 4) * 0.5 + 0.25}
 
     outputs = {**layer(), "aux_outputs": [layer(), layer()], "enc_outputs": layer()}
-    targets = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2]])},
-               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]  # fmt: skip
+    targets = [
+        {"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2]])},
+        {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
+    ]
     kwargs = {
         "num_classes": 3,
         "matcher": HungarianMatcher(),

@@ -53,12 +53,15 @@ def test_flip_twice_is_identity_and_p0_keeps() -> None:
     assert same is image and t0 is target
 
 
-@pytest.mark.parametrize(("H", "W", "size", "max_size", "expected"), [
-    (480, 640, 800, 1333, (800, 1067)),  # shorter side to 800
-    (400, 1200, 800, 1333, (444, 1332)),  # capped: longer side <= 1333
-    (128, 128, 64, None, (64, 64)),
-    (640, 480, 800, None, (1067, 800)),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("H", "W", "size", "max_size", "expected"),
+    [
+        (480, 640, 800, 1333, (800, 1067)),  # shorter side to 800
+        (400, 1200, 800, 1333, (444, 1332)),  # capped: longer side <= 1333
+        (128, 128, 64, None, (64, 64)),
+        (640, 480, 800, None, (1067, 800)),
+    ],
+)
 def test_resized_shape(H: int, W: int, size: int, max_size: int | None, expected: tuple[int, int]) -> None:
     assert resized_shape(H, W, size, max_size) == expected
 

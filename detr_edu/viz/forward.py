@@ -187,8 +187,8 @@ def plot_query_sampling(
     nh, L, P, _ = locations.shape
     if weights.shape != (nh, L, P) or len(level_shapes) != L or len(strides) != L:
         raise ValueError(
-            f"locations {tuple(locations.shape)}, weights {tuple(weights.shape)}, {len(level_shapes)} shapes and "
-            f"{len(strides)} strides do not describe the same L levels"
+            f"locations {tuple(locations.shape)}, weights {tuple(weights.shape)}, "
+            f"{len(level_shapes)} shapes and {len(strides)} strides do not describe the same L levels"
         )
     fig, axes = plt.subplots(1, L, figsize=(2.6 * L, 2.9), squeeze=False)
     H, W = image.shape[1:]

@@ -153,8 +153,14 @@ def plot_predictions(
             x0, y0, x1, y1 = box
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="red", lw=1.2))
             name = class_names[label] if class_names is not None else str(label)
-            ax.text(x0, y0 - 1, f"{name} {score:.2f}", color="white", fontsize=6,
-                    bbox={"facecolor": "red", "alpha": 0.7, "pad": 0.5, "lw": 0})  # fmt: skip
+            ax.text(
+                x0,
+                y0 - 1,
+                f"{name} {score:.2f}",
+                color="white",
+                fontsize=6,
+                bbox={"facecolor": "red", "alpha": 0.7, "pad": 0.5, "lw": 0},
+            )
         ax.set_title(f"{int(keep.sum())} detections > {score_threshold}", fontsize=7)
     fig.tight_layout()
     return fig

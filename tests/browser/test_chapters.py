@@ -7,8 +7,9 @@ every ``notebooks/NN_*.ipynb``, and after Run All every ``.widget-interact`` con
 (what ``ipywidgets.interact`` draws). Each control is changed the way a learner would: keyboard on a
 slider's handle, a new option in a dropdown, a click on a checkbox or toggle. After each change the
 ``<img>`` in the widget's output must differ from before (a slider or dropdown may take up to
-``MAX_STEPS`` steps: some controls are quantised, e.g. denoising groups = dn_number // boxes). Screenshots of each widget before and after
-each change go to ``test-output/browser/<chapter>/``; ``<chapter>.json`` there lists what was tested.
+``MAX_STEPS`` steps: some controls are quantised, e.g. denoising groups = dn_number // boxes).
+Screenshots of each widget before and after each change go to ``test-output/browser/<chapter>/``;
+``<chapter>.json`` there lists what was tested.
 
 Run: ``.venv/bin/python -m pytest -m browser tests/browser`` (needs /usr/bin/chromium, playwright).
 """
