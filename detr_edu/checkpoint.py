@@ -24,8 +24,11 @@ lr_scheduler, scaler, epoch) plus the RNG states it omits.
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import random
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,10 @@ import torch
 from torch import nn
 
 __all__ = [
+    "CheckpointError",
     "save_checkpoint",
+    "read_torch_file",
+    "is_training_checkpoint",
     "atomic_save",
     "load_checkpoint",
     "rng_state",
@@ -43,6 +49,11 @@ __all__ = [
     "module_generators",
     "CHECKPOINT_KEYS",
 ]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or weights file that cannot be read or written; the message names the path and cause."""
+
 
 CHECKPOINT_KEYS = (
     "model",
@@ -139,17 +150,80 @@ def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> Path:
     return atomic_save(checkpoint, path)
 
 
+def _os_error_in(err: BaseException) -> OSError | None:
+    """The first ``OSError`` in an exception's chain (``torch.save`` wraps the real cause)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save(obj)`` to ``path`` via ``NAME.tmp`` + fsync + ``os.replace``; return the path."""
+    """``torch.save(obj)`` to ``path`` via ``NAME.tmp`` + fsync + ``os.replace``; return the path.
+
+    On any failure the temporary file is removed (a full disk is not left fuller) and the previous
+    file at ``path``, if any, is untouched. A write that fails for lack of space raises
+    :class:`CheckpointError` saying so (``torch.save`` itself reports an internal "enforce fail").
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        cause = _os_error_in(err)
+        if cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(
+                f"{path}: no space left on the device while writing it "
+                f"({os.strerror(cause.errno)}); the previous file is intact -- free some space and resume"
+            ) from err
+        if cause is not None and not isinstance(err, OSError):
+            raise CheckpointError(f"{path}: cannot write it: {cause}") from err
+        raise
     return path
+
+
+def read_torch_file(path: str | Path, *, what: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with one clear error per way a file can be unreadable.
+
+    Args:
+        path: the file.
+        what: what the file should be, for the messages ("checkpoint", "weights file").
+        map_location: as ``torch.load``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: empty, truncated or not a torch file, or holding anything but tensors and
+            plain containers (weights-only loading refuses code; the course never loads it otherwise).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} at {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: the {what} is empty (0 bytes): an interrupted copy or write?")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path}: not a readable {what}: it is truncated or not a torch file ({size} bytes, no "
+            "complete zip archive)"
+        )
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path}: refused: the {what} holds objects other than tensors and plain containers "
+            "(detr_edu loads weights only and never runs code from a file)"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{path}: the {what} is corrupt ({type(err).__name__})") from None
 
 
 def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -157,15 +231,23 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is not a checkpoint of this format (names the missing keys).
+        CheckpointError: unreadable (see :func:`read_torch_file`), or not a checkpoint of this format
+            (names the missing keys).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    checkpoint = read_torch_file(path, what="checkpoint", map_location=map_location)
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: expected a dict checkpoint, got {type(checkpoint).__name__}")
+        raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(checkpoint).__name__}")
     missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint]
     if missing:
-        raise ValueError(f"{path}: not a detr_edu training checkpoint, missing {missing}")
+        raise CheckpointError(f"{path}: not a detr_edu training checkpoint, missing {missing}")
     return checkpoint
+
+
+def is_training_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a readable detr_edu training checkpoint (what must never be overwritten)."""
+    try:
+        load_checkpoint(path)
+    except (FileNotFoundError, CheckpointError):
+        return False
+    return True

@@ -20,6 +20,14 @@ What the loader does, and why:
   DETR (they are kept in the json for the COCO evaluation, which ignores them).
 * **Augmentation randomness is a function of (seed, epoch, image index)**: see
   :func:`sample_generator`.
+* **Every image can be decode-checked up front** (:meth:`CocoDetection.verify_images`, which the
+  training script runs at start-up): a truncated or unreadable file stops the run before the first
+  step, not in the middle of an epoch.
+* **Pixel formats**: 8-bit grey, palette, RGB, RGBA and CMYK images become RGB; 16-bit grey images
+  (PIL mode ``I;16``, or ``I`` with values up to 65535) are scaled by 1/65535 (PIL's own conversion
+  would clip them to white); floating-point and other modes are refused with a message.
+* **A ``file_name`` must stay inside the image folder** (no ``..``, no absolute path) unless
+  ``allow_outside_image_dir=True``: a json from elsewhere cannot read arbitrary files.
 
 Follows the DETR reference data pipeline (``datasets/coco.py``: remap, crowd filter, xywh ->
 xyxy) written from its description; the validation messages are this course's addition.
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +61,35 @@ __all__ = [
 
 class CocoFormatError(ValueError):
     """A COCO json or image folder that cannot be used; the message names the file and annotation."""
+
+
+def _inside(folder: Path, file_name: str) -> bool:
+    """Whether ``folder / file_name`` resolves to a path inside ``folder``."""
+    root = folder.resolve()
+    target = (folder / file_name).resolve()
+    return target == root or root in target.parents
+
+
+class _UnsupportedMode(ValueError):
+    pass
+
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _rgb_pixels(pil: Image.Image) -> np.ndarray:
+    """A PIL image as float32 (H, W, 3) in [0, 1]; decodes the whole file (truncation shows here)."""
+    mode = pil.mode
+    if mode in _SIXTEEN_BIT or mode == "I":
+        grey = np.asarray(pil).astype(np.float32)  # (H, W) raw integer values
+        if grey.size and (grey.min() < 0 or grey.max() > 65535):
+            raise _UnsupportedMode(
+                f"32-bit integer pixels outside [0, 65535] (mode {mode}); convert it to 8 or 16 bits"
+            )
+        return np.repeat((grey / 65535.0)[..., None], 3, axis=-1)  # (H, W, 3)
+    if mode not in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "La", "RGBa"):
+        raise _UnsupportedMode(f"pixel format (PIL mode) {mode} is not supported; convert it to 8-bit RGB")
+    return np.asarray(pil.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
 
 
 def coco_paths(root: str | Path, split: str) -> tuple[Path, Path]:
@@ -103,6 +141,8 @@ class CocoDetection(torch.utils.data.Dataset):
             boxes within the tolerance are clipped (COCO's own json has float round-off of this
             kind).
         check_images: check at construction that every image file exists (one ``stat`` each).
+        allow_outside_image_dir: accept ``file_name`` s that resolve outside ``image_dir`` (``..``
+            components, absolute paths); refused by default.
 
     Each item is ``(image (3, H, W) float, target)`` with target keys ``labels`` int64 (G,),
     ``boxes`` float (G, 4) normalised cxcywh, ``boxes_xyxy_px`` (G, 4), ``image_id`` int64 (),
@@ -118,8 +158,10 @@ class CocoDetection(torch.utils.data.Dataset):
         seed: int = 0,
         box_tolerance_px: float = 1.0,
         check_images: bool = True,
+        allow_outside_image_dir: bool = False,
     ) -> None:
         self.image_dir = Path(image_dir)
+        self.allow_outside_image_dir = allow_outside_image_dir
         self.annotation_file = Path(annotation_file)
         self.transforms = transforms
         self.seed = seed
@@ -127,10 +169,10 @@ class CocoDetection(torch.utils.data.Dataset):
         if not self.image_dir.is_dir():
             raise CocoFormatError(f"{self.image_dir}: image folder not found")
         self.coco_json = _load_json(self.annotation_file)
-        self._index(box_tolerance_px, check_images)
+        self._index(box_tolerance_px, check_images, allow_outside_image_dir)
 
     # ------------------------------------------------------------------------------------------
-    def _index(self, tol: float, check_images: bool) -> None:
+    def _index(self, tol: float, check_images: bool, allow_outside_image_dir: bool) -> None:
         path = self.annotation_file
         cats = self.coco_json["categories"]
         try:
@@ -156,6 +198,12 @@ class CocoDetection(torch.utils.data.Dataset):
                 raise CocoFormatError(f"{path}: image id {image_id} appears twice")
             if width < 1 or height < 1:
                 raise CocoFormatError(f"{path}: image id {image_id} has size {width}x{height}")
+            if not allow_outside_image_dir and not _inside(self.image_dir, file_name):
+                raise CocoFormatError(
+                    f"{path}: image id {image_id} has file_name {file_name!r}, which points outside "
+                    f"the image folder {self.image_dir} (pass allow_outside_image_dir=True, or "
+                    "--allow-outside-image-dir, if that is intended)"
+                )
             if check_images and not (self.image_dir / file_name).is_file():
                 raise CocoFormatError(
                     f"{self.image_dir / file_name}: image file of image id {image_id} "
@@ -213,24 +261,45 @@ class CocoDetection(torch.utils.data.Dataset):
         return len(self.image_ids)
 
     def load_image(self, index: int) -> Tensor:
-        """Image ``index`` as float (3, H, W) in [0, 1] (grey and RGBA images become RGB)."""
+        """Image ``index`` as float (3, H, W) in [0, 1] (see the module doc for the pixel formats)."""
         image_id = self.image_ids[index]
         info = self.images[image_id]
         file = self.image_dir / info["file_name"]
         try:
             with Image.open(file) as pil:
-                pixels = np.asarray(pil.convert("RGB"))  # (H, W, 3) uint8
+                pixels = _rgb_pixels(pil)  # (H, W, 3) float32 in [0, 1]
         except FileNotFoundError:
             raise CocoFormatError(f"{file}: image file of image id {image_id} not found") from None
-        except (UnidentifiedImageError, OSError) as err:
+        except _UnsupportedMode as err:
+            raise CocoFormatError(f"{file}: image id {image_id}: {err}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
             raise CocoFormatError(f"{file}: cannot decode image id {image_id}: {err}") from None
-        image = torch.from_numpy(pixels.copy()).permute(2, 0, 1)  # (3, H, W) uint8
+        image = torch.from_numpy(pixels).permute(2, 0, 1)  # (3, H, W)
         if tuple(image.shape[-2:]) != (info["height"], info["width"]):
             raise CocoFormatError(
                 f"{file}: image id {image_id} is {image.shape[-1]}x{image.shape[-2]} pixels but "
                 f"{self.annotation_file} says {info['width']}x{info['height']}"
             )
-        return image.float() / 255.0  # (3, H, W)
+        return image  # (3, H, W)
+
+    def verify_images(self, indices: Sequence[int] | None = None, *, progress: bool = False) -> None:
+        """Decode every image once (size checked against the json); raise on the first bad one.
+
+        Args:
+            indices: which images (default: all).
+            progress: show a tqdm bar (worth it for large folders: about 1-5 ms per image).
+
+        Raises:
+            CocoFormatError: naming the file and the cause (truncated, not an image, wrong size, an
+                unsupported pixel format).
+        """
+        indices = range(len(self)) if indices is None else indices
+        if progress:
+            from tqdm.auto import tqdm
+
+            indices = tqdm(indices, desc=f"checking {self.image_dir.name}", leave=False)
+        for index in indices:
+            self.load_image(index)
 
     def raw_target(self, index: int) -> dict[str, Tensor]:
         """Image ``index``'s boxes in pixels (xyxy) and labels 0..K-1, before any transform."""

@@ -30,7 +30,13 @@ import torch
 from torch import nn
 
 from detr_edu.build import build_model
-from detr_edu.checkpoint import atomic_save, load_checkpoint
+from detr_edu.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    is_training_checkpoint,
+    load_checkpoint,
+    read_torch_file,
+)
 from detr_edu.config import config_from_dict
 from detr_edu.logs import final_metrics, read_log
 
@@ -54,9 +60,24 @@ def export_weights(
         out_path: destination file.
         log_path: the run's ``log.jsonl``; its final metrics are stored under ``"metrics"``.
         dtype: torch.float16 (default), torch.bfloat16 or torch.float32.
+
+    Raises:
+        CheckpointError: ``out_path`` is the input or another training checkpoint (an export keeps
+            no optimiser state, so overwriting one would lose the run), or the input is unreadable.
     """
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+    out_path = Path(out_path)
+    if out_path.exists() and out_path.resolve() == Path(checkpoint_path).resolve():
+        raise CheckpointError(
+            f"{out_path}: refusing to overwrite the checkpoint being exported (an export has no "
+            "optimiser state: --resume would fail); choose another --out"
+        )
+    if is_training_checkpoint(out_path):
+        raise CheckpointError(
+            f"{out_path}: refusing to overwrite a training checkpoint with model-only weights; "
+            "choose another --out"
+        )
     checkpoint = load_checkpoint(checkpoint_path)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in checkpoint["model"].items()}
     weights = {
@@ -83,9 +104,7 @@ def load_weights(path: str | Path, *, map_location: str | torch.device = "cpu") 
         ValueError: not a file written by :func:`export_weights`.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no weights at {path}")
-    weights = torch.load(path, map_location=map_location, weights_only=True)
+    weights = read_torch_file(path, what="weights file", map_location=map_location)
     if not isinstance(weights, dict) or weights.get("format") != FORMAT:
         raise ValueError(f"{path} is not a detr_edu weights file (format {FORMAT!r}); see detr_edu.export")
     model = build_model(config_from_dict(weights["config"]))
@@ -111,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         out = export_weights(args.checkpoint, args.out, log_path=args.log, dtype=getattr(torch, args.dtype))
-    except (FileNotFoundError, ValueError) as err:  # a missing or foreign file: a message, not a traceback
+    except (ValueError, OSError) as err:  # a missing, foreign or unreadable file: a message, not a traceback
         p.exit(2, f"detr_edu.export: error: {err}\n")
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     return 0

@@ -1,9 +1,11 @@
 """Read the training log (``OUTPUT_DIR/log.jsonl``) that :mod:`detr_edu.train` writes (chapter 08).
 
 One JSON object per line, ``"type"`` one of ``config`` (the run's model and training settings),
-``train`` (running losses every ``--log-every`` steps), ``epoch``, ``eval`` (COCO metrics in percent)
-and ``end``. ``elapsed_s`` is training time only (evaluations pause the clock), the time axis of
-every curve here and in :mod:`detr_edu.viz.training`.
+``resume`` (a run continued from its checkpoint, with any learning-rate override), ``train``
+(running losses every ``--log-every`` steps), ``epoch``, ``eval`` (COCO metrics in percent),
+``error`` (why a run stopped early, e.g. a non-finite loss) and ``end``. ``elapsed_s`` is
+training time only (evaluations pause the clock), the time axis of every curve here and in
+:mod:`detr_edu.viz.training`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 __all__ = ["read_log", "series", "final_metrics", "RECORD_TYPES"]
 
-RECORD_TYPES = ("config", "train", "epoch", "eval", "end")
+RECORD_TYPES = ("config", "resume", "train", "epoch", "eval", "error", "end")
 
 
 def read_log(path: str | Path) -> list[dict]:
@@ -58,7 +60,7 @@ def final_metrics(records: Sequence[dict]) -> dict[str, float]:
     (training seconds per optimisation step), taken from the ``end`` record when there is one."""
     evals = [r for r in records if r.get("type") == "eval"]
     last = evals[-1] if evals else {}
-    ends = [r for r in records if r.get("type") in ("end", "train", "eval", "epoch") and "step" in r]
+    ends = [r for r in records if r.get("type") in ("end", "error", "train", "eval", "epoch") and "step" in r]
     if not ends:
         raise ValueError("the log has no record with a step count: did the run start?")
     end = next((r for r in reversed(records) if r.get("type") == "end"), ends[-1])

@@ -20,7 +20,8 @@ def check_targets(targets: Sequence[Mapping[str, Tensor]], *, num_classes: int |
     """Raise a ValueError naming the image and the problem for malformed targets.
 
     Args:
-        targets: one dict per image with ``labels`` int64 (G,) and ``boxes`` (G, 4) cxcywh; G may be 0.
+        targets: one dict per image with ``labels`` int64 (G,) and ``boxes`` (G, 4) cxcywh, every
+            number in [0, 1] (normalised by the image size); G may be 0.
         num_classes: K; when given, every label must lie in [0, K).
     """
     for b, target in enumerate(targets):
@@ -45,6 +46,11 @@ def check_targets(targets: Sequence[Mapping[str, Tensor]], *, num_classes: int |
             raise ValueError(f"targets[{b}]['boxes'] contains non-finite values")
         if (boxes[:, 2:] < 0).any():
             raise ValueError(f"targets[{b}]['boxes'] has negative widths or heights (boxes must be cxcywh)")
+        if boxes.numel() and (boxes.min() < 0 or boxes.max() > 1):
+            raise ValueError(
+                f"targets[{b}]['boxes'] must be cxcywh normalised to [0, 1] by the image size, got "
+                f"values in [{float(boxes.min()):.3g}, {float(boxes.max()):.3g}] (boxes in pixels?)"
+            )
         if num_classes is not None and labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(
                 f"targets[{b}]['labels'] must lie in [0, {num_classes}) (num_classes={num_classes}), "

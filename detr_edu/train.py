@@ -41,18 +41,34 @@ from tqdm.auto import tqdm
 from detr_edu.build import build_model
 from detr_edu.checkpoint import load_checkpoint, module_generators, rng_state, save_checkpoint, set_rng_state
 from detr_edu.coco_eval import CocoEvaluator
-from detr_edu.config import ModelConfig, config_from_dict, get_preset
+from detr_edu.config import ModelConfig, config_from_dict
 from detr_edu.criterion import SetCriterion
 from detr_edu.data import CocoDetection, coco_paths, collate_detection
 from detr_edu.distributed import DistContext, barrier, cleanup, init_distributed
 from detr_edu.engine import WarmupStepSchedule, evaluate, train_step, unwrap
 from detr_edu.errors import NonFiniteLossError
 from detr_edu.matcher import HungarianMatcher
-from detr_edu.training_presets import TRAINING_PRESET_NAMES, TrainConfig, get_training_preset
+from detr_edu.train_options import (
+    apply_overrides,
+    check_resume_matches,
+    model_config,
+    parse_args,
+    resume_path,
+    training_config,
+)
+from detr_edu.training_presets import TrainConfig
 from detr_edu.transforms import make_transforms
 from detr_edu.utils import seed_everything
 
-__all__ = ["main", "parse_args", "apply_overrides", "build_criterion", "param_groups", "ResumableSampler"]
+__all__ = [
+    "cli",
+    "main",
+    "parse_args",
+    "apply_overrides",
+    "build_criterion",
+    "param_groups",
+    "ResumableSampler",
+]
 
 
 class ResumableSampler(DistributedSampler):
@@ -73,132 +89,6 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Train or evaluate a DETR-family detector on a COCO-format folder."
-    )
-    p.add_argument("--preset", required=True, choices=TRAINING_PRESET_NAMES, help="model + training preset")
-    p.add_argument("--coco-path", type=Path, help="COCO folder: train2017/, val2017/, annotations/")
-    p.add_argument("--train-images", type=Path, help="training image folder (instead of --coco-path)")
-    p.add_argument("--train-annotations", type=Path, help="training annotation json")
-    p.add_argument("--val-images", type=Path, help="validation image folder")
-    p.add_argument("--val-annotations", type=Path, help="validation annotation json")
-    p.add_argument("--output-dir", type=Path, required=True)
-    p.add_argument("--resume", default="", help="'auto' (OUTPUT_DIR/checkpoint.pth if present) or a path")
-    p.add_argument("--eval", action="store_true", help="only evaluate (the --resume checkpoint) and exit")
-    p.add_argument("--epochs", type=int, help="override the preset's epochs")
-    p.add_argument("--budget-minutes", type=float, help="train for this much wall-clock training time")
-    p.add_argument("--max-iters", type=int, default=0, help="stop (with a checkpoint) after this many steps")
-    p.add_argument("--batch-size", type=int, help="images per step per process")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--lr-backbone", type=float)
-    p.add_argument("--warmup-iters", type=int)
-    p.add_argument("--lr-drop", type=float, help="fraction of the training after which lr x 0.1")
-    p.add_argument("--image-size", type=int, help="train and evaluate at this shorter side (one size)")
-    p.add_argument("--num-queries", type=int, help="override the model's number of queries")
-    p.add_argument("--backbone-norm", choices=("batch", "group"), help="override the backbone's norm layer")
-    p.add_argument(
-        "--model-set",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override model-config fields (values parsed as JSON when they parse): num_points=16 "
-        "weights_from=content backbone.levels=[2] dn_number=0 (see detr_edu.config)",
-    )
-    p.add_argument("--no-aux-loss", action="store_true", help="losses on the last decoder layer only")
-    p.add_argument("--num-train", type=int, help="use only the first N training images")
-    p.add_argument("--num-val", type=int, help="evaluate on the first N validation images")
-    p.add_argument("--num-workers", type=int)
-    p.add_argument("--eval-every-epochs", type=int)
-    p.add_argument("--eval-every-minutes", type=float)
-    p.add_argument("--no-final-eval", action="store_true", help="skip the evaluation at the end")
-    p.add_argument("--log-every", type=int, default=10, help="a 'train' log line every N steps (0: none)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument(
-        "--amp", choices=("auto", "off", "bf16", "fp16"), default="auto", help="auto: bf16 on CUDA"
-    )
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    return p.parse_args(argv)
-
-
-def training_config(args: argparse.Namespace) -> TrainConfig:
-    """The preset's :class:`TrainConfig` with the command-line overrides applied."""
-    cfg = get_training_preset(args.preset)
-    overrides = {
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "lr_backbone": args.lr_backbone,
-        "warmup_iters": args.warmup_iters,
-        "lr_drop": args.lr_drop,
-        "num_workers": args.num_workers,
-        "eval_every_epochs": args.eval_every_epochs,
-        "eval_every_minutes": args.eval_every_minutes,
-        "aux_loss": False if args.no_aux_loss else None,
-    }
-    if args.image_size is not None:
-        overrides.update(train_sizes=(args.image_size,), eval_size=args.image_size, max_size=None)
-    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-
-
-def model_config(args: argparse.Namespace, tcfg: TrainConfig, num_classes: int) -> ModelConfig:
-    cfg = get_preset(tcfg.model_preset, num_classes=num_classes)
-    if args.num_queries is not None:
-        cfg.num_queries = args.num_queries
-    if args.backbone_norm is not None:
-        cfg.backbone = dataclasses.replace(cfg.backbone, norm=args.backbone_norm)
-    return apply_overrides(cfg, args.model_set)
-
-
-def apply_overrides(cfg: ModelConfig, items: Sequence[str]) -> ModelConfig:
-    """A copy of ``cfg`` with ``KEY=VALUE`` items applied (``backbone.KEY`` for the backbone).
-
-    Values are parsed as JSON when they parse (``16``, ``[2]``, ``true``, ``"content"``) and kept as
-    strings otherwise (``weights_from=content``). Unknown keys raise ``ValueError`` naming the valid
-    ones; the dataclasses' own checks (``__post_init__``) run again on the result.
-    """
-    cfg = dataclasses.replace(cfg)
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"--model-set wants KEY=VALUE items, got {item!r}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        target_name, _, field_name = key.rpartition(".")
-        if target_name not in ("", "backbone"):
-            raise ValueError(
-                f"--model-set key {key!r}: only fields of the model or of 'backbone.' are settable"
-            )
-        target = cfg.backbone if target_name else cfg
-        names = {f.name for f in dataclasses.fields(target)}
-        if field_name not in names or (not target_name and field_name == "backbone"):
-            raise ValueError(
-                f"--model-set: {type(target).__name__} has no field {field_name!r}; fields: {sorted(names)}"
-            )
-        if isinstance(value, list):
-            value = tuple(value)
-        current = getattr(target, field_name)
-        expected = float if isinstance(current, float) else type(current)
-        numeric_ok = expected is float and type(value) is int  # 2 for 2.0
-        wrong = not (isinstance(value, expected) or numeric_ok) or (
-            expected is int and isinstance(value, bool)
-        )
-        if current is not None and wrong:
-            raise ValueError(
-                f"--model-set {key}={raw}: expected {expected.__name__} (like {json.dumps(current)}), "
-                f"got {type(value).__name__}"
-            )
-        if target_name:
-            cfg.backbone = dataclasses.replace(cfg.backbone, **{field_name: value})
-        else:
-            cfg = dataclasses.replace(cfg, **{field_name: value})
-    return cfg
 
 
 def build_criterion(mcfg: ModelConfig, tcfg: TrainConfig) -> SetCriterion:
@@ -251,12 +141,23 @@ def _datasets(args: argparse.Namespace, tcfg: TrainConfig) -> tuple[CocoDetectio
         )
     train_tf = make_transforms(train=True, sizes=tcfg.train_sizes, max_size=tcfg.max_size, flip=tcfg.flip)
     val_tf = make_transforms(train=False, sizes=[tcfg.eval_size], max_size=tcfg.max_size)
+    outside = args.allow_outside_image_dir
     train = None
     if not args.eval:
         train = CocoDetection(
-            image_dir=train_images, annotation_file=train_ann, transforms=train_tf, seed=args.seed
+            image_dir=train_images,
+            annotation_file=train_ann,
+            transforms=train_tf,
+            seed=args.seed,
+            allow_outside_image_dir=outside,
         )
-    val = CocoDetection(image_dir=val_images, annotation_file=val_ann, transforms=val_tf, seed=args.seed)
+    val = CocoDetection(
+        image_dir=val_images,
+        annotation_file=val_ann,
+        transforms=val_tf,
+        seed=args.seed,
+        allow_outside_image_dir=outside,
+    )
     if train is not None and train.category_ids != val.category_ids:
         raise ValueError(f"train and val category ids differ: {train.category_ids} vs {val.category_ids}")
     return train, val
@@ -324,8 +225,25 @@ class Run:
         return "softmax" if getattr(self.mcfg, "no_object_class", False) else "sigmoid"
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """``python -m detr_edu.train``: :func:`main`, with every input problem reported in one line.
+
+    A bad COCO folder, image, checkpoint or option is a message on stderr naming the file and the
+    cause, and exit status 2 (1 is a non-finite loss, 0 success) -- not a traceback.
+    """
+    try:
+        return main(argv)
+    except (ValueError, OSError) as err:  # CocoFormatError, CheckpointError, FileNotFoundError, ...
+        print(f"detr_edu.train: error: {err}", file=sys.stderr)
+        return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the process exit status (0 ok, 1 non-finite loss)."""
+    """Run the command line; return the process exit status (0 ok, 1 non-finite loss).
+
+    Raises:
+        ValueError, OSError: bad input (see :func:`cli`, which turns them into one-line messages).
+    """
     args = parse_args(argv)
     ctx = init_distributed(args.device)
     try:
@@ -342,7 +260,10 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> int:
         return evaluate_only(run)
     progress = Progress()
     if checkpoint is not None:
-        progress = restore_training_state(run, checkpoint)
+        progress, overrides = restore_training_state(run, checkpoint)
+        run.logger(
+            {"type": "resume", "checkpoint": run.resume, "step": progress.step, **overrides}, echo=True
+        )
     elif ctx.is_main:
         run.logger({"type": "config", **config_record(run)})
     assert train_ds is not None  # for type checkers: not --eval
@@ -350,12 +271,14 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> int:
         stop = train(run, train_ds, progress)
     except NonFiniteLossError as err:
         if ctx.is_main:
-            run.logger({"type": "error", "step": progress.step, "message": str(err)})
+            record = {"type": "error", "step": progress.step, "elapsed_s": round(progress.elapsed_s, 2)}
+            run.logger({**record, "message": str(err)})
             print(f"error: {err}", file=sys.stderr)
         return 1
+    save(run, progress)  # before the evaluation: whatever happens there, the training is kept
     if not args.no_final_eval and progress.last_eval_step != progress.step:
         eval_and_log(run, progress)
-    save(run, progress)
+        save(run, progress)
     run.logger(
         {
             "type": "end",
@@ -367,14 +290,6 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> int:
         echo=True,
     )
     return 0
-
-
-def resume_path(args: argparse.Namespace) -> str:
-    """The checkpoint to resume from: ``--resume PATH``, or for ``auto`` OUTPUT/checkpoint.pth if any."""
-    if args.resume == "auto":
-        auto = args.output_dir / "checkpoint.pth"
-        return str(auto) if auto.is_file() else ""
-    return args.resume
 
 
 def build_run(args: argparse.Namespace, ctx: DistContext) -> tuple[CocoDetection | None, Run, dict | None]:
@@ -389,6 +304,8 @@ def build_run(args: argparse.Namespace, ctx: DistContext) -> tuple[CocoDetection
     checkpoint = None
     if resume:
         checkpoint = load_checkpoint(resume, map_location="cpu")
+        if not args.eval:  # --eval takes the checkpoint's model as it is
+            check_resume_matches(args, tcfg, checkpoint, resume, num_classes=len(category_ids))
         mcfg = config_from_dict(checkpoint["config"]["model"])
         if list(checkpoint["category_ids"]) != category_ids:
             raise ValueError(
@@ -414,6 +331,18 @@ def build_run(args: argparse.Namespace, ctx: DistContext) -> tuple[CocoDetection
         gamma=tcfg.lr_gamma,
     )
     val_set = _first(val_ds, args.num_val)
+    if len(val_set) == 0 and (args.eval or not args.no_final_eval):
+        raise ValueError(
+            f"the validation set {val_ds.annotation_file} has no images"
+            f"{f' (--num-val {args.num_val})' if args.num_val is not None else ''}: nothing to evaluate; "
+            "give a validation set with images, or train with --no-final-eval"
+        )
+    if not args.no_verify_images:  # a truncated file stops the run now, not mid-epoch
+        show = not args.no_progress and ctx.is_main
+        if train_ds is not None:
+            used = range(len(_first(train_ds, args.num_train)))
+            train_ds.verify_images(used, progress=show and len(used) > 1000)
+        val_ds.verify_images(range(len(val_set)), progress=show and len(val_set) > 1000)
     val_share = Subset(val_set, range(ctx.rank, len(val_set), ctx.world_size))
     val_loader = DataLoader(
         val_share,
@@ -421,6 +350,8 @@ def build_run(args: argparse.Namespace, ctx: DistContext) -> tuple[CocoDetection
         shuffle=False,
         collate_fn=collate_detection,
         num_workers=tcfg.num_workers,
+        # its own generator: an evaluation must not draw from the global RNG (exact resume)
+        generator=torch.Generator().manual_seed(args.seed),
     )
     if ctx.is_main:
         args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -444,14 +375,24 @@ def build_run(args: argparse.Namespace, ctx: DistContext) -> tuple[CocoDetection
     return train_ds, run, checkpoint
 
 
-def restore_training_state(run: Run, checkpoint: dict) -> Progress:
-    """Optimiser, schedule, scaler, counters and every random state of a checkpoint (exact resume)."""
+def restore_training_state(run: Run, checkpoint: dict) -> tuple[Progress, dict]:
+    """Optimiser, schedule, scaler, counters and every random state of a checkpoint (exact resume).
+
+    Learning rates given on the command line (``--lr``, ``--lr-backbone``) replace the saved ones:
+    the advice after a non-finite loss is to lower the learning rate and resume. Returns the
+    progress and, for the log, the overrides applied (``{"lr_override": {...}}`` or ``{}``).
+    """
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     run.schedule.load_state_dict(checkpoint["scheduler"])
     if run.scaler is not None and checkpoint["scaler"] is not None:
         run.scaler.load_state_dict(checkpoint["scaler"])
     set_rng_state(checkpoint["rng"], module_generators(run.model))
-    return Progress(**checkpoint["extra"]["state"])
+    overrides = {}
+    wanted = [run.tcfg.lr, run.tcfg.lr_backbone]
+    if wanted != run.schedule.base_lrs:
+        overrides["lr_override"] = {"from": list(run.schedule.base_lrs), "to": wanted}
+        run.schedule.base_lrs = wanted
+    return Progress(**checkpoint["extra"]["state"]), overrides
 
 
 def config_record(run: Run) -> dict:
@@ -640,6 +581,7 @@ def train_epoch(
         stop = _stop_reason(args, length, progress)
         if stop is None and tcfg.eval_every_minutes and progress.elapsed_s >= progress.next_eval_s:
             if progress.step > 1:  # not before any training
+                save(run, progress)  # before the evaluation: whatever happens there, the training is kept
                 eval_and_log(run, progress)
                 save(run, progress)
             progress.next_eval_s = progress.elapsed_s + tcfg.eval_every_minutes * 60.0
@@ -687,10 +629,11 @@ def end_epoch(run: Run, progress: Progress, means: dict[str, float], length: Run
         and not tcfg.eval_every_minutes
         and (progress.epoch % tcfg.eval_every_epochs == 0 and progress.epoch < tcfg.epochs)
     )
+    save(run, progress)
     if evaluate_now:
         eval_and_log(run, progress)
-    save(run, progress)
+        save(run, progress)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli())
