@@ -35,6 +35,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from detr_edu.checkpoint import read_torch_file
 from detr_edu.config import BackboneConfig
 from detr_edu.masks import valid_sizes
 
@@ -123,6 +124,9 @@ class ResNetBackbone(nn.Module):
         weights_path: optional local ``state_dict`` file (e.g. torchvision's ImageNet weights saved
             beforehand); the ``fc`` layer is dropped. Never downloaded.
         drop_maxpool: remove the stem's max pool, halving every stride (for small images).
+        freeze_at: freeze (``requires_grad=False``) the stem and the first ``freeze_at`` stages; the
+            official DETR / Deformable-DETR / DINO code trains only ``layer2``-``layer4`` of its
+            pretrained ResNet-50 (``freeze_at=1``).
     """
 
     def __init__(
@@ -134,8 +138,11 @@ class ResNetBackbone(nn.Module):
         zero_init_residual: bool = False,
         weights_path: str | Path | None = None,
         drop_maxpool: bool = False,
+        freeze_at: int = 0,
     ) -> None:
         super().__init__()
+        if not 0 <= freeze_at <= 4:
+            raise ValueError(f"freeze_at must be in 0..4, got {freeze_at}")
         if depth not in _RESNETS:
             raise ValueError(f"depth must be one of {sorted(_RESNETS)}, got {depth}")
         levels = tuple(levels)
@@ -171,7 +178,9 @@ class ResNetBackbone(nn.Module):
             path = Path(weights_path)
             if not path.is_file():
                 raise ValueError(f"weights_path {str(path)!r} does not exist (weights are never downloaded)")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = read_torch_file(path, what="ResNet state dict")
+            if not isinstance(state, dict):
+                raise ValueError(f"{path}: expected a ResNet state dict, got {type(state).__name__}")
             state = {k: v for k, v in state.items() if not k.startswith("fc.")}
             try:
                 missing, unexpected = net.load_state_dict(state, strict=False)
@@ -189,6 +198,10 @@ class ResNetBackbone(nn.Module):
             net.conv1, net.bn1, net.relu, nn.Identity() if drop_maxpool else net.maxpool
         )
         self.stages = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4][: levels[-1]])
+        if freeze_at >= 1:  # the stem and the first stages keep their (pretrained) weights
+            for module in [self.stem, *self.stages[:freeze_at]]:
+                module.requires_grad_(False)
+        self.freeze_at = freeze_at
         self.levels = levels
         width = 1 if block is torchvision.models.resnet.BasicBlock else 4
         base = 2 if drop_maxpool else 4
@@ -316,7 +329,7 @@ class Backbone(nn.Module):
     """ResNet + neck + per-level masks: ``(images, masks) -> FeatureMaps`` with C channels.
 
     Args:
-        depth, levels, norm, zero_init_residual, weights_path, drop_maxpool: see
+        depth, levels, norm, zero_init_residual, weights_path, drop_maxpool, freeze_at: see
             :class:`ResNetBackbone`.
         embed_dim: C of every output level.
         num_extra_levels: extra stride-2 levels of the neck (0 for DETR's single level).
@@ -332,6 +345,7 @@ class Backbone(nn.Module):
         zero_init_residual: bool = False,
         weights_path: str | Path | None = None,
         drop_maxpool: bool = False,
+        freeze_at: int = 0,
         embed_dim: int = 256,
         num_extra_levels: int = 1,
         num_groups: int = 32,
@@ -344,6 +358,7 @@ class Backbone(nn.Module):
             zero_init_residual=zero_init_residual,
             weights_path=weights_path,
             drop_maxpool=drop_maxpool,
+            freeze_at=freeze_at,
         )
         self.neck = ChannelMapper(
             in_channels=self.body.out_channels,
@@ -366,6 +381,7 @@ class Backbone(nn.Module):
             zero_init_residual=cfg.zero_init_residual,
             weights_path=cfg.weights_path,
             drop_maxpool=cfg.drop_maxpool,
+            freeze_at=cfg.freeze_at,
             embed_dim=embed_dim,
             num_extra_levels=cfg.num_extra_levels,
             num_groups=cfg.num_groups,

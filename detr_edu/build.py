@@ -7,6 +7,8 @@ imports nothing of the package.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -19,8 +21,11 @@ from detr_edu.dino import DINO
 __all__ = ["build_model"]
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
+def build_model(cfg: ModelConfig, *, load_backbone_weights: bool = True) -> nn.Module:
     """Instantiate the model a config describes (DETR, DeformableDETR or DINO).
+
+    ``load_backbone_weights=False`` ignores ``cfg.backbone.weights_path`` (every weight is about to
+    be loaded from a checkpoint, and the ImageNet file need not exist any more).
 
     DINO is given its contrastive-denoising generator (chapter 07) through ``denoiser=`` when
     ``cfg.dn_number > 0``; it is used in training mode when the forward pass is given the targets.
@@ -28,6 +33,8 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     generator, so that the model's weights and every later random draw are the same with or
     without denoising (``dn_number=0`` changes nothing else).
     """
+    if not load_backbone_weights and getattr(cfg, "backbone", None) is not None:
+        cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, weights_path=None))
     if isinstance(cfg, DETRConfig):
         return DETR.from_config(cfg)
     if isinstance(cfg, DeformableDETRConfig):

@@ -78,12 +78,20 @@ class CocoEvaluator:
                     }
                 )
 
-    def _gather(self) -> tuple[list[dict], set[int]]:
+    def _gather(self) -> tuple[list[dict], set[int]] | None:
+        """Every process's detections and image ids on rank 0 (None on the other ranks).
+
+        A gather to one rank, not an all-gather: only rank 0 runs the COCO evaluation, so the other
+        ranks never hold (or copy) the whole validation set's detections.
+        """
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return self.detections, self.image_ids
-        parts: list = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (self.detections, sorted(self.image_ids)))
+        rank = dist.get_rank()
+        parts: list | None = [None] * dist.get_world_size() if rank == 0 else None
+        dist.gather_object((self.detections, sorted(self.image_ids)), parts, dst=0)
+        if rank != 0:
+            return None
         detections = [d for part in parts for d in part[0]]
         image_ids = {i for part in parts for i in part[1]}
         return detections, image_ids
@@ -95,10 +103,19 @@ class CocoEvaluator:
             the 12 :data:`METRIC_NAMES`, each a float in [0, 100] (-100 where COCO has no data,
             e.g. AP_large on an all-small dataset).
         """
+        gathered = self._gather()
+        metrics = self._evaluate(*gathered) if gathered is not None else None
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            box = [metrics]
+            dist.broadcast_object_list(box, src=0)  # every rank returns rank 0's numbers
+            metrics = box[0]
+        return metrics
+
+    def _evaluate(self, detections: list[dict], image_ids: set[int]) -> dict[str, float]:
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
 
-        detections, image_ids = self._gather()
         if not image_ids:
             raise ValueError("no images were evaluated")
         quiet = io.StringIO()

@@ -46,9 +46,13 @@ __all__ = [
 class BackboneConfig:
     """Arguments of :class:`detr_edu.backbone.Backbone` (except ``embed_dim``, taken from the model).
 
-    ``norm="frozen"`` (FrozenBatchNorm, what detection code uses for a pretrained ResNet) is refused
-    without ``weights_path``: frozen random statistics never normalise, and with
-    ``zero_init_residual`` every residual branch stays dead (chapter 04 shows it).
+    The published ResNet-50 models start from ImageNet weights with frozen BatchNorm
+    (``norm="frozen"``) and the stem and first stage frozen (``freeze_at=1``), as the official
+    DETR / Deformable-DETR / DINO code (``backbone.py``: only ``layer2``-``layer4`` train). A config
+    may describe such a backbone without ``weights_path`` (to load a whole published checkpoint, or
+    to measure speed); *training* one from random weights is refused by the training command
+    unless asked for (``--backbone-from-scratch``): frozen random statistics never normalise, and
+    with ``zero_init_residual`` every residual branch stays dead (chapter 04 shows it).
     """
 
     depth: int = 50
@@ -59,13 +63,14 @@ class BackboneConfig:
     drop_maxpool: bool = False
     num_extra_levels: int = 1
     num_groups: int = 32
+    freeze_at: int = 0
 
     def __post_init__(self) -> None:
         self.levels = tuple(self.levels)
-        if self.norm == "frozen" and self.weights_path is None:
+        if not 0 <= self.freeze_at <= 4:
             raise ValueError(
-                "norm='frozen' needs pretrained weights (weights_path): frozen BatchNorm in a randomly "
-                "initialised ResNet never normalises (and kills zero-initialised residual branches)"
+                f"freeze_at must be in 0..4 (0: train everything, 1: freeze the stem and stage 1, ...), "
+                f"got {self.freeze_at}"
             )
 
     @property
@@ -160,6 +165,13 @@ def _cpu_backbone(levels: tuple[int, ...], num_extra_levels: int) -> BackboneCon
     )
 
 
+def _imagenet_backbone(levels: tuple[int, ...], num_extra_levels: int) -> BackboneConfig:
+    # the published recipe: ImageNet ResNet-50, frozen BatchNorm, stem and stage 1 frozen
+    return BackboneConfig(
+        depth=50, levels=levels, norm="frozen", freeze_at=1, num_extra_levels=num_extra_levels
+    )
+
+
 def get_preset(name: str, *, num_classes: int | None = None) -> ModelConfig:
     """A fresh config for preset ``name`` (one of :data:`PRESET_NAMES`).
 
@@ -185,11 +197,11 @@ def get_preset(name: str, *, num_classes: int | None = None) -> ModelConfig:
     elif name == "dino_cpu":
         cfg = DINOConfig(**cpu, num_queries=30, dn_number=30, backbone=_cpu_backbone((2, 3, 4), 1))
     elif name == "detr_r50_coco":
-        cfg = DETRConfig(no_object_class=True)
+        cfg = DETRConfig(no_object_class=True, backbone=_imagenet_backbone(levels=(4,), num_extra_levels=0))
     elif name == "deformable_detr_r50_coco":
-        cfg = DeformableDETRConfig()
+        cfg = DeformableDETRConfig(backbone=_imagenet_backbone(levels=(2, 3, 4), num_extra_levels=1))
     elif name == "dino_r50_coco":
-        cfg = DINOConfig()
+        cfg = DINOConfig(backbone=_imagenet_backbone(levels=(2, 3, 4), num_extra_levels=1))
     else:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
     if num_classes is not None:

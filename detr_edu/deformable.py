@@ -228,6 +228,11 @@ def level_start_index_from_shapes(spatial_shapes: Tensor) -> Tensor:
     return torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]]).long()  # (L,)
 
 
+def _at_least_float32(x: Tensor) -> Tensor:
+    """Half-precision tensors (autocast) go up to float32; float32 and float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def offsets_to_locations(reference_points: Tensor, offsets: Tensor, spatial_shapes: Tensor) -> Tensor:
     """Turn predicted offsets into sampling locations around reference points.
 
@@ -443,12 +448,20 @@ class MultiScaleDeformableAttention(nn.Module):
             value = value.masked_fill(key_padding_mask[..., None], 0.0)  # (B, Nv, C)
         value = value.view(B, Nv, nh, hd)  # (B, Nv, nh, hd)
         offsets = self.sampling_offsets(query).view(B, Nq, nh, L, P, 2)  # (B, Nq, nh, L, P, 2)
-        locations = offsets_to_locations(reference_points, offsets, spatial_shapes)  # (B, Nq, nh, L, P, 2)
         if self.weights_from == "query":
             weights = self.attention_weights(query).view(B, Nq, nh, L * P)  # (B, Nq, nh, L*P)
-            weights = weights.softmax(-1).view(B, Nq, nh, L, P)  # (B, Nq, nh, L, P) sum to 1 per head
-            out = deformable_sampling(value, spatial_shapes, locations, weights)  # (B, Nq, C)
+            # Under autocast the locations, weights and bilinear sampling run in float32: a bf16
+            # location has 8 significant bits (a step of 2^-9 near 0.5, i.e. 0.4 px on a 200-px
+            # level), enough to blur every sample; the Linear layers around stay in half precision.
+            with torch.autocast(value.device.type, enabled=False):
+                value, offsets, weights = (_at_least_float32(t) for t in (value, offsets, weights))
+                locations = offsets_to_locations(
+                    _at_least_float32(reference_points), offsets, spatial_shapes
+                )  # (B, Nq, nh, L, P, 2)
+                weights = weights.softmax(-1).view(B, Nq, nh, L, P)  # (B, Nq, nh, L, P) sum to 1 per head
+                out = deformable_sampling(value, spatial_shapes, locations, weights)  # (B, Nq, C)
         else:
+            locations = offsets_to_locations(reference_points, offsets, spatial_shapes)  # (B,Nq,nh,L,P,2)
             key = self.key_proj(source)  # (B, Nv, C)
             if key_padding_mask is not None:
                 key = key.masked_fill(key_padding_mask[..., None], 0.0)  # (B, Nv, C)

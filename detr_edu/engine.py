@@ -32,6 +32,7 @@ from detr_edu.postprocess import postprocess
 __all__ = [
     "WarmupStepSchedule",
     "autocast",
+    "default_amp",
     "unwrap",
     "forward_model",
     "train_step",
@@ -45,18 +46,26 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for ``amp`` in {"bf16", "fp16"} on CUDA; a no-op for ``"off"``.
+    """``torch.autocast`` for ``amp`` in {"bf16", "fp16"}; a no-op for ``"off"``.
 
-    AMP is refused on CPU: CPU autocast (bf16) is slower than float32 on most CPUs and changes the
-    numbers the course's tests compare.
+    bf16 runs on CUDA and on CPU (the tests use it there; on most CPUs it is slower than float32);
+    fp16 needs CUDA and a ``GradScaler``. Whatever the forward runs in, the deformable sampling
+    (:mod:`detr_edu.deformable`), the matcher and the losses compute in float32.
     """
     if amp == "off":
         return contextlib.nullcontext()
     if amp not in ("bf16", "fp16"):
         raise ValueError(f"amp must be 'off', 'bf16' or 'fp16', got {amp!r}")
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError(f"amp='fp16' needs a CUDA device, got {device}; use 'bf16' or 'off' on CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def default_amp(device: torch.device) -> str:
+    """``--amp auto``: bf16 on a CUDA GPU that supports it, else fp16 (+ GradScaler); off on CPU."""
     if device.type != "cuda":
-        raise ValueError(f"amp={amp!r} needs a CUDA device, got {device}; use amp='off' on CPU")
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+        return "off"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 @dataclass

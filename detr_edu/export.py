@@ -107,7 +107,7 @@ def load_weights(path: str | Path, *, map_location: str | torch.device = "cpu") 
     weights = read_torch_file(path, what="weights file", map_location=map_location)
     if not isinstance(weights, dict) or weights.get("format") != FORMAT:
         raise ValueError(f"{path} is not a detr_edu weights file (format {FORMAT!r}); see detr_edu.export")
-    model = build_model(config_from_dict(weights["config"]))
+    model = build_model(config_from_dict(weights["config"]), load_backbone_weights=False)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights["model"].items()})
     model.eval()
     info = {k: weights[k] for k in ("category_ids", "config", "train_config", "step", "metrics")}

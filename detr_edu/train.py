@@ -45,11 +45,13 @@ from detr_edu.config import ModelConfig, config_from_dict
 from detr_edu.criterion import SetCriterion
 from detr_edu.data import CocoDetection, coco_paths, collate_detection
 from detr_edu.distributed import DistContext, barrier, cleanup, init_distributed
-from detr_edu.engine import WarmupStepSchedule, evaluate, train_step, unwrap
+from detr_edu.engine import WarmupStepSchedule, default_amp, evaluate, train_step, unwrap
 from detr_edu.errors import NonFiniteLossError
+from detr_edu.finetune import load_for_finetuning
 from detr_edu.matcher import HungarianMatcher
 from detr_edu.train_options import (
     apply_overrides,
+    check_pretrained_backbone,
     check_resume_matches,
     model_config,
     parse_args,
@@ -115,13 +117,41 @@ def build_criterion(mcfg: ModelConfig, tcfg: TrainConfig) -> SetCriterion:
     )
 
 
+# official Deformable DETR / DINO (main.py, lr_linear_proj_names): these train at lr x lr_linear_proj_mult
+LINEAR_PROJ_NAMES = ("sampling_offsets", "reference_points")
+
+
 def param_groups(model: nn.Module, tcfg: TrainConfig) -> list[dict]:
-    """Two AdamW groups: the backbone at ``lr_backbone``, everything else at ``lr`` (DETR sec. 4)."""
-    backbone, rest = [], []
+    """Named AdamW groups: ``transformer`` at ``lr``, ``backbone`` at ``lr_backbone`` (DETR sec. 4),
+    and with ``lr_linear_proj_mult != 1`` a ``linear_proj`` group (deformable attention's
+    ``sampling_offsets`` and the one-stage ``reference_points``) at ``lr * lr_linear_proj_mult``, as
+    the official Deformable DETR and DINO train them. Frozen parameters are in no group."""
+    split = tcfg.lr_linear_proj_mult != 1.0
+    groups: dict[str, list] = {"transformer": [], "backbone": [], "linear_proj": []}
     for name, param in model.named_parameters():
-        if param.requires_grad:
-            (backbone if name.startswith("backbone.") else rest).append(param)
-    return [{"params": rest, "lr": tcfg.lr}, {"params": backbone, "lr": tcfg.lr_backbone}]
+        if not param.requires_grad:
+            continue
+        if name.startswith("backbone."):
+            groups["backbone"].append(param)
+        elif split and any(part in name for part in LINEAR_PROJ_NAMES):
+            groups["linear_proj"].append(param)
+        else:
+            groups["transformer"].append(param)
+    lrs = {
+        "transformer": tcfg.lr,
+        "backbone": tcfg.lr_backbone,
+        "linear_proj": tcfg.lr * tcfg.lr_linear_proj_mult,
+    }
+    names = ["transformer", "backbone"] + (["linear_proj"] if split else [])
+    return [{"name": n, "params": groups[n], "lr": lrs[n]} for n in names]
+
+
+def describe_groups(optimizer: torch.optim.Optimizer, base_lrs: Sequence[float]) -> list[dict]:
+    """Each optimiser group's name, base learning rate and parameter count (the log's first line)."""
+    return [
+        {"name": g.get("name", str(i)), "lr": lr, "params": sum(p.numel() for p in g["params"])}
+        for i, (g, lr) in enumerate(zip(optimizer.param_groups, base_lrs, strict=True))
+    ]
 
 
 def _datasets(args: argparse.Namespace, tcfg: TrainConfig) -> tuple[CocoDetection | None, CocoDetection]:
@@ -139,7 +169,9 @@ def _datasets(args: argparse.Namespace, tcfg: TrainConfig) -> tuple[CocoDetectio
         raise ValueError(
             "give --coco-path, or --train-images/--train-annotations and --val-images/--val-annotations"
         )
-    train_tf = make_transforms(train=True, sizes=tcfg.train_sizes, max_size=tcfg.max_size, flip=tcfg.flip)
+    train_tf = make_transforms(
+        train=True, sizes=tcfg.train_sizes, max_size=tcfg.max_size, flip=tcfg.flip, crop=tcfg.crop
+    )
     val_tf = make_transforms(train=False, sizes=[tcfg.eval_size], max_size=tcfg.max_size)
     outside = args.allow_outside_image_dir
     train = None
@@ -214,6 +246,7 @@ class Run:
     schedule: WarmupStepSchedule
     scaler: torch.amp.GradScaler | None
     amp: str
+    base_lrs: list[float]
     category_ids: list[int]
     val_ds: CocoDetection
     val_loader: DataLoader
@@ -294,9 +327,9 @@ def _run(args: argparse.Namespace, ctx: DistContext) -> int:
 
 def build_run(args: argparse.Namespace, ctx: DistContext) -> tuple[CocoDetection | None, Run, dict | None]:
     """Data, model, criterion and optimiser of a run, and the checkpoint to resume from (if any)."""
-    amp = args.amp if args.amp != "auto" else ("bf16" if ctx.device.type == "cuda" else "off")
-    if amp != "off" and ctx.device.type != "cuda":
-        raise ValueError(f"--amp {amp} needs CUDA; this run is on {ctx.device} (use --amp off)")
+    amp = args.amp if args.amp != "auto" else default_amp(ctx.device)
+    if amp == "fp16" and ctx.device.type != "cuda":
+        raise ValueError(f"--amp fp16 needs CUDA; this run is on {ctx.device} (use --amp bf16 or off)")
     tcfg = training_config(args)
     train_ds, val_ds = _datasets(args, tcfg)
     category_ids = val_ds.category_ids
@@ -304,28 +337,37 @@ def build_run(args: argparse.Namespace, ctx: DistContext) -> tuple[CocoDetection
     checkpoint = None
     if resume:
         checkpoint = load_checkpoint(resume, map_location="cpu")
-        if not args.eval:  # --eval takes the checkpoint's model as it is
-            check_resume_matches(args, tcfg, checkpoint, resume, num_classes=len(category_ids))
-        mcfg = config_from_dict(checkpoint["config"]["model"])
         if list(checkpoint["category_ids"]) != category_ids:
             raise ValueError(
                 f"{resume} was trained on category ids {list(checkpoint['category_ids'])}, "
-                f"the data has {category_ids}"
+                f"the data has {category_ids}: to train this model on other classes, start a new run "
+                f"with --finetune-from {resume} (the class heads are re-initialised)"
             )
+        if not args.eval:  # --eval takes the checkpoint's model as it is
+            check_resume_matches(args, tcfg, checkpoint, resume, num_classes=len(category_ids))
+        mcfg = config_from_dict(checkpoint["config"]["model"])
     elif args.eval:
         raise ValueError(
             "--eval needs a checkpoint: --resume PATH (or --resume auto with one in --output-dir)"
         )
     else:
         mcfg = model_config(args, tcfg, num_classes=len(category_ids))
+        check_pretrained_backbone(args, mcfg)
 
     seed_everything(args.seed)  # same seed on every rank: identical initial weights
-    model = build_model(mcfg).to(ctx.device)
+    from_file = checkpoint is not None or args.finetune_from is not None
+    model = build_model(mcfg, load_backbone_weights=not from_file).to(ctx.device)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
-    optimizer = torch.optim.AdamW(param_groups(model, tcfg), weight_decay=tcfg.weight_decay)
+    elif args.finetune_from is not None:
+        note = load_for_finetuning(model, args.finetune_from)
+        if ctx.is_main:
+            print(note, flush=True)
+    groups = param_groups(model, tcfg)
+    base_lrs = [g["lr"] for g in groups]
+    optimizer = torch.optim.AdamW(groups, weight_decay=tcfg.weight_decay)
     schedule = WarmupStepSchedule(
-        base_lrs=[tcfg.lr, tcfg.lr_backbone],
+        base_lrs=base_lrs,
         warmup_iters=tcfg.warmup_iters,
         drop=tcfg.lr_drop,
         gamma=tcfg.lr_gamma,
@@ -350,6 +392,7 @@ def build_run(args: argparse.Namespace, ctx: DistContext) -> tuple[CocoDetection
         shuffle=False,
         collate_fn=collate_detection,
         num_workers=tcfg.num_workers,
+        persistent_workers=tcfg.num_workers > 0,
         # its own generator: an evaluation must not draw from the global RNG (exact resume)
         generator=torch.Generator().manual_seed(args.seed),
     )
@@ -366,6 +409,7 @@ def build_run(args: argparse.Namespace, ctx: DistContext) -> tuple[CocoDetection
         schedule=schedule,
         scaler=torch.amp.GradScaler("cuda") if amp == "fp16" else None,
         amp=amp,
+        base_lrs=base_lrs,
         category_ids=category_ids,
         val_ds=val_ds,
         val_loader=val_loader,
@@ -388,7 +432,7 @@ def restore_training_state(run: Run, checkpoint: dict) -> tuple[Progress, dict]:
         run.scaler.load_state_dict(checkpoint["scaler"])
     set_rng_state(checkpoint["rng"], module_generators(run.model))
     overrides = {}
-    wanted = [run.tcfg.lr, run.tcfg.lr_backbone]
+    wanted = list(run.base_lrs)
     if wanted != run.schedule.base_lrs:
         overrides["lr_override"] = {"from": list(run.schedule.base_lrs), "to": wanted}
         run.schedule.base_lrs = wanted
@@ -400,6 +444,7 @@ def config_record(run: Run) -> dict:
     return {
         "model": {"model": type(run.mcfg).__name__, **dataclasses.asdict(run.mcfg)},
         "train": dataclasses.asdict(run.tcfg),
+        "param_groups": describe_groups(run.optimizer, run.base_lrs),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(run.args).items()},
         "world_size": run.ctx.world_size,
     }
@@ -490,6 +535,7 @@ def train(run: Run, train_ds: CocoDetection, progress: Progress) -> str:
         drop_last=True,
         collate_fn=collate_detection,
         num_workers=tcfg.num_workers,
+        persistent_workers=tcfg.num_workers > 0,
         pin_memory=ctx.device.type == "cuda",
         # its own generator: creating an iterator must not draw from the global RNG, or a resumed
         # run would be one draw off the uninterrupted one
@@ -510,6 +556,8 @@ def train(run: Run, train_ds: CocoDetection, progress: Progress) -> str:
         if ctx.distributed
         else run.model
     )
+    if args.compile:
+        ddp_model = torch.compile(ddp_model)
     bar = tqdm(
         total=length.total_steps,
         initial=progress.step,

@@ -26,6 +26,7 @@ __all__ = [
     "apply_overrides",
     "resume_path",
     "check_resume_matches",
+    "check_pretrained_backbone",
     "RESUME_MAY_CHANGE",
 ]
 
@@ -54,6 +55,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, help="train and evaluate at this shorter side (one size)")
     p.add_argument("--num-queries", type=int, help="override the model's number of queries")
     p.add_argument("--backbone-norm", choices=("batch", "group"), help="override the backbone's norm layer")
+    p.add_argument(
+        "--backbone-weights",
+        type=Path,
+        help="a torchvision ResNet state dict file (the *_r50_coco presets need one: ImageNet weights, "
+        "saved with torch.save(torchvision.models.resnet50(weights='IMAGENET1K_V1').state_dict(), PATH))",
+    )
+    p.add_argument(
+        "--backbone-from-scratch",
+        action="store_true",
+        help="train an *_r50_coco preset without pretrained weights (trainable BatchNorm, nothing frozen)",
+    )
+    p.add_argument(
+        "--finetune-from",
+        type=Path,
+        help="start from a trained model (an export or a training checkpoint); class heads are "
+        "re-initialised when the dataset has another number of classes",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU runs)")
     p.add_argument(
         "--model-set",
         nargs="+",
@@ -116,7 +135,23 @@ def model_config(args: argparse.Namespace, tcfg: TrainConfig, num_classes: int) 
         cfg.num_queries = args.num_queries
     if args.backbone_norm is not None:
         cfg.backbone = dataclasses.replace(cfg.backbone, norm=args.backbone_norm)
+    if args.backbone_weights is not None:
+        cfg.backbone = dataclasses.replace(cfg.backbone, weights_path=str(args.backbone_weights))
+    if args.backbone_from_scratch:
+        # frozen BatchNorm needs pretrained statistics; from scratch every layer trains, with BatchNorm
+        norm = "batch" if cfg.backbone.norm == "frozen" else cfg.backbone.norm
+        cfg.backbone = dataclasses.replace(cfg.backbone, norm=norm, freeze_at=0)
     return apply_overrides(cfg, args.model_set)
+
+
+def check_pretrained_backbone(args: argparse.Namespace, cfg: ModelConfig) -> None:
+    """Refuse to train a frozen-BatchNorm (pretrained-by-design) backbone from random weights."""
+    if cfg.backbone.norm == "frozen" and cfg.backbone.weights_path is None and args.finetune_from is None:
+        raise ValueError(
+            f"--preset {args.preset} trains from an ImageNet ResNet-{cfg.backbone.depth} with frozen "
+            "BatchNorm: give --backbone-weights PATH (a torchvision state dict file), or "
+            "--backbone-from-scratch to train every layer from random weights"
+        )
 
 
 def apply_overrides(cfg: ModelConfig, items: Sequence[str]) -> ModelConfig:

@@ -11,11 +11,16 @@ preset                     lr      backbone  wd     batch   epochs  lr drop     
 ``dino_r50_coco``          1e-4    1e-5      1e-4   16      12      11 (x0.1)    0.1    Zhang et al. 2022, sec. 4.1
 =========================  ======  ========  =====  ======  ======  ===========  =====  =========================
 
-(batch = total over all GPUs: DETR 16 V100 x 4, Deformable DETR 8 x 4, DINO 8 x 2; loss weights:
-DETR class 1 (cross-entropy, no-object weight 0.1), L1 5, GIoU 2; Deformable DETR and DINO focal
-class 2 and 1 respectively, L1 5, GIoU 2; Hungarian costs class 1/2/2, L1 5, GIoU 2. Images:
-shorter side 480..800 step 32, longer side <= 1333, random flip; the papers' random crop is not
-implemented here.) The numbers are as published; they are not measured in this course.
+(batch = total over all GPUs: DETR 16 V100 x 4, Deformable DETR 8 x 4, DINO 8 x 2 -- ``batch_size``
+is per GPU, ``published_world_size`` the GPU count; loss weights: DETR class 1 (cross-entropy,
+no-object weight 0.1), L1 5, GIoU 2; Deformable DETR and DINO focal class 2 and 1 respectively, L1
+5, GIoU 2; Hungarian costs class 1/2/2, L1 5, GIoU 2. Deformable DETR and DINO train
+``sampling_offsets`` and ``reference_points`` at lr x 0.1 (``lr_linear_proj_mult``, the official
+``lr_linear_proj_mult``). Images: shorter side 480..800 step 32, longer side <= 1333, random flip,
+and with probability 0.5 DETR's random resize-crop (resize to 400/500/600, crop 384..600, resize to
+480..800: ``crop=True``). The backbone is an ImageNet ResNet-50 with frozen BatchNorm and its stem
+and first stage frozen (``detr_edu.config``; ``--backbone-weights``). The numbers are as published;
+they are not measured in this course.
 
 The ``*_cpu`` presets train the small models of :mod:`detr_edu.config` on 128x128 digit scenes
 (``python -m detr_edu.coco_export``), all three with the same recipe (so that chapter 08 compares
@@ -62,6 +67,12 @@ class TrainConfig:
         eval_every_epochs: evaluate every this many epochs (epoch mode).
         eval_every_minutes: evaluate every this many minutes of training (budget mode).
         aux_loss: losses on every decoder layer (True) or on the last one only.
+        lr_linear_proj_mult: the learning rate of deformable attention's ``sampling_offsets`` and
+            of the one-stage ``reference_points`` is ``lr * lr_linear_proj_mult`` (official
+            Deformable DETR and DINO: 0.1; 1.0 = no separate group).
+        crop: DETR's random resize-crop augmentation with probability 0.5 (published recipes).
+        published_world_size: how many GPUs the published recipe used (``batch_size`` x this = the
+            published total batch); 1 for the CPU presets.
     """
 
     model_preset: str
@@ -90,6 +101,9 @@ class TrainConfig:
     eval_every_epochs: int = 1
     eval_every_minutes: float = 0.0
     aux_loss: bool = True
+    lr_linear_proj_mult: float = 1.0
+    crop: bool = False
+    published_world_size: int = 1
 
     def __post_init__(self) -> None:
         self.train_sizes = tuple(int(s) for s in self.train_sizes)
@@ -150,6 +164,8 @@ def get_training_preset(name: str) -> TrainConfig:
             class_loss="ce",
             eos_coef=0.1,
             cost_class=1.0,
+            crop=True,
+            published_world_size=16,
             **coco,
         )
     if name == "deformable_detr_r50_coco":  # Zhu et al. 2021, sec. 5 and A.2
@@ -161,6 +177,9 @@ def get_training_preset(name: str) -> TrainConfig:
             epochs=50,
             lr_drop=0.8,
             loss_weights={"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0},
+            lr_linear_proj_mult=0.1,
+            crop=True,
+            published_world_size=8,
             **coco,
         )
     if name == "dino_r50_coco":  # Zhang et al. 2022, sec. 4.1 (12-epoch "1x" schedule)
@@ -172,6 +191,9 @@ def get_training_preset(name: str) -> TrainConfig:
             epochs=12,
             lr_drop=11 / 12,
             loss_weights={"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0},
+            lr_linear_proj_mult=0.1,
+            crop=True,
+            published_world_size=8,
             **coco,
         )
     if name == "detr_cpu":

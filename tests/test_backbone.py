@@ -213,6 +213,8 @@ def test_frozen_batchnorm_without_zero_init_does_not_normalise() -> None:
     assert stds["frozen"] > 5 * stds["batch"]
 
 
-def test_config_refuses_frozen_without_weights() -> None:
-    with pytest.raises(ValueError, match="needs pretrained weights"):
-        BackboneConfig(norm="frozen")
+def test_config_checks_freeze_at() -> None:
+    # (training a frozen-BatchNorm backbone without weights is refused by the training command:
+    # tests/test_gpu_recipes.py)
+    with pytest.raises(ValueError, match="freeze_at must be in 0..4"):
+        BackboneConfig(freeze_at=5)

@@ -118,7 +118,7 @@ def test_eval_checkpoint_and_non_finite_stop(digits: Path, tmp_path: Path, monke
 def test_cli_errors(digits: Path, tmp_path: Path) -> None:
     common = ["--preset", "detr_cpu", "--output-dir", str(tmp_path / "r"), *FAST]
     with pytest.raises(ValueError, match="needs CUDA"):
-        train.main([*common, "--coco-path", str(digits), "--amp", "bf16", "--device", "cpu"])
+        train.main([*common, "--coco-path", str(digits), "--amp", "fp16", "--device", "cpu"])
     with pytest.raises(ValueError, match="give --coco-path"):
         train.main(common)
     with pytest.raises(ValueError, match="--eval needs a checkpoint"):
