@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A short prepared GPU check of the published recipes, under 8 minutes on one modern GPU:
+# A short prepared GPU check of the published recipes, sized to finish within 8 minutes on one modern
+# GPU (not run yet: the course was built without one):
 #   1. 200 AMP training steps of dino_r50_coco on synthetic COCO-sized images (800 x 1066, the
 #      recipe's 2 images per GPU): the loss must stay finite, images/s and peak memory are measured;
 #   2. the throughput table of every *_r50_coco preset (20 timed steps each).

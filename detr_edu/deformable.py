@@ -451,8 +451,8 @@ class MultiScaleDeformableAttention(nn.Module):
         if self.weights_from == "query":
             weights = self.attention_weights(query).view(B, Nq, nh, L * P)  # (B, Nq, nh, L*P)
             # Under autocast the locations, weights and bilinear sampling run in float32: a bf16
-            # location has 8 significant bits (a step of 2^-9 near 0.5, i.e. 0.4 px on a 200-px
-            # level), enough to blur every sample; the Linear layers around stay in half precision.
+            # number has 8 significant bits, so locations in [0.5, 1) move in steps of 2^-8 = 0.004
+            # (0.8 px on a 200-px level), enough to blur every sample; the Linear layers stay in bf16.
             with torch.autocast(value.device.type, enabled=False):
                 value, offsets, weights = (_at_least_float32(t) for t in (value, offsets, weights))
                 locations = offsets_to_locations(

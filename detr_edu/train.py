@@ -333,6 +333,11 @@ def build_run(args: argparse.Namespace, ctx: DistContext) -> tuple[CocoDetection
     tcfg = training_config(args)
     train_ds, val_ds = _datasets(args, tcfg)
     category_ids = val_ds.category_ids
+    if args.finetune_from is not None and (args.resume or args.eval):
+        raise ValueError(
+            "--finetune-from starts a new run from trained weights; it cannot be combined with "
+            "--resume or --eval (resume or evaluate the fine-tuning run's own checkpoint instead)"
+        )
     resume = resume_path(args)
     checkpoint = None
     if resume:

@@ -283,6 +283,13 @@ def test_finetuning_keeps_every_non_class_tensor_and_refuses_other_architectures
         load_for_finetuning(build_model(get_preset("deformable_detr_cpu")), SHIPPED_WEIGHTS)
 
 
+def test_finetuning_cannot_be_combined_with_resume_or_eval(digits: Path, tmp_path: Path, capsys) -> None:
+    common = ["--preset", "dino_cpu", "--coco-path", str(digits), "--output-dir", str(tmp_path / "r"), *FAST]
+    for extra in (["--resume", "auto"], ["--eval", "--resume", str(SHIPPED_WEIGHTS)]):
+        assert train.cli([*common, "--finetune-from", str(SHIPPED_WEIGHTS), *extra]) == 2
+        assert "cannot be combined with --resume or --eval" in capsys.readouterr().err
+
+
 def test_resuming_on_other_classes_points_to_finetuning(digits: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     common = ["--preset", "detr_cpu", "--output-dir", str(out), "--image-size", "64", *FAST]
