@@ -8,11 +8,18 @@
 * :func:`level_masks` turns the image padding mask into one mask per level, exactly.
 * :class:`Backbone` chains the three and is what the detectors call.
 
-Two things this module does more carefully than the reference code, both so that an image gives the
-same features alone and inside a padded batch (after the backbone itself; see the chapter):
+The published models (official Deformable-DETR and DINO, ``models/*/backbone.py:Joiner`` and
+``deformable_detr.py:DeformableDETR.forward``; transformers' ``DeformableDetrConvEncoder``) build
+the level masks by nearest-neighbour resizing of the image mask (``F.interpolate``), normalise the
+neck with a plain GroupNorm over the whole padded map and feed the raw last backbone level to the
+extra stride-2 convolution. That is the default here (``padding_invariant=False``), so that
+published weights compute what they were trained to compute.
+
+``padding_invariant=True`` is the course's option, so that an image gives the same features alone
+and inside a padded batch (after the backbone itself; chapter 04 measures both):
 
 * masks per level are computed from each image's valid size with the convolution arithmetic
-  (``ceil(h / stride)``), not by nearest-neighbour resizing of the image mask, which can be off by one;
+  (``ceil(h / stride)``), not by nearest-neighbour resizing, which can be off by one;
 * the neck's GroupNorm takes its statistics over valid pixels only (:class:`MaskedGroupNorm`), and
   padded pixels are set to zero before the extra stride-2 convolutions.
 
@@ -38,6 +45,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from detr_edu.checkpoint import read_torch_file
 from detr_edu.config import BackboneConfig
 from detr_edu.masks import valid_sizes
+from detr_edu.position import resize_mask
 
 __all__ = [
     "ResNetBackbone",
@@ -283,12 +291,17 @@ class ChannelMapper(nn.Module):
             nn.init.xavier_uniform_(conv.weight, gain=1)
             nn.init.zeros_(conv.bias)
 
-    def forward(self, features: Sequence[Tensor], masks: Sequence[Tensor]) -> list[Tensor]:
+    def forward(
+        self, features: Sequence[Tensor], masks: Sequence[Tensor], *, masked: bool = True
+    ) -> list[Tensor]:
         """Map backbone levels (B, C_l, H_l, W_l) to (B, C, H_l, W_l), adding the extra levels.
 
         Args:
             features: one map per backbone level.
             masks: one (B, H_l, W_l) padding mask per *output* level (backbone + extra).
+            masked: GroupNorm statistics over valid pixels and zeroed padding before the extra
+                convolutions (the course's padding-invariant neck); False: the published neck
+                (plain GroupNorm, raw input), which ignores ``masks``.
         """
         if len(features) != len(self.convs):
             raise ValueError(f"expected {len(self.convs)} backbone levels, got {len(features)}")
@@ -298,16 +311,18 @@ class ChannelMapper(nn.Module):
             if f.shape[1] != c:
                 raise ValueError(f"a backbone level has {f.shape[1]} channels, the neck expects {c}")
         out = [
-            norm(conv(f), m)
+            norm(conv(f), m if masked else None)
             for conv, norm, f, m in zip(self.convs, self.norms, features, masks, strict=False)
-        ]
+        ]  # L_backbone x (B, C, H_l, W_l)
         x = features[-1]
         m = masks[len(features) - 1]
         for i, conv in enumerate(self.extra_convs):
-            # zero the padding so the stride-2 conv sees what zero-padding an image alone would give
-            x = conv(x.masked_fill(m[:, None], 0.0))  # (B, C, ceil(H/2), ceil(W/2))
+            if masked:
+                # zero the padding so the stride-2 conv sees what zero-padding an image alone would give
+                x = x.masked_fill(m[:, None], 0.0)  # (B, C_in, H, W)
+            x = conv(x)  # (B, C, ceil(H/2), ceil(W/2))
             m = masks[len(features) + i]
-            x = self.norms[len(features) + i](x, m)  # (B, C, H_l, W_l)
+            x = self.norms[len(features) + i](x, m if masked else None)  # (B, C, H_l, W_l)
             out.append(x)
         return out
 
@@ -334,6 +349,9 @@ class Backbone(nn.Module):
         embed_dim: C of every output level.
         num_extra_levels: extra stride-2 levels of the neck (0 for DETR's single level).
         num_groups: GroupNorm groups in the neck.
+        padding_invariant: exact level masks and the masked neck (the course's option, see the
+            module docstring); False (default): the published models' nearest-resized masks and
+            plain neck.
     """
 
     def __init__(
@@ -349,8 +367,10 @@ class Backbone(nn.Module):
         embed_dim: int = 256,
         num_extra_levels: int = 1,
         num_groups: int = 32,
+        padding_invariant: bool = False,
     ) -> None:
         super().__init__()
+        self.padding_invariant = padding_invariant
         self.body = ResNetBackbone(
             depth=depth,
             levels=levels,
@@ -372,9 +392,11 @@ class Backbone(nn.Module):
         self.num_levels = len(self.strides)
 
     @classmethod
-    def from_config(cls, cfg: BackboneConfig, *, embed_dim: int) -> Backbone:
-        """Build from a :class:`detr_edu.config.BackboneConfig` and the model's width C."""
+    def from_config(cls, cfg: BackboneConfig, *, embed_dim: int, padding_invariant: bool = False) -> Backbone:
+        """Build from a :class:`detr_edu.config.BackboneConfig`, the model's width C and its
+        ``padding_invariant`` flag."""
         return cls(
+            padding_invariant=padding_invariant,
             depth=cfg.depth,
             levels=cfg.levels,
             norm=cfg.norm,
@@ -400,5 +422,9 @@ class Backbone(nn.Module):
         for _ in range(len(self.strides) - len(feats)):
             h, w = shapes[-1]
             shapes.append(((h + 1) // 2, (w + 1) // 2))  # a 3x3 stride-2 pad-1 conv halves with ceil
-        lvl_masks = level_masks(masks, shapes, self.strides)  # L x (B, H_l, W_l)
-        return FeatureMaps(features=self.neck(feats, lvl_masks), masks=lvl_masks)
+        if self.padding_invariant:
+            lvl_masks = level_masks(masks, shapes, self.strides)  # L x (B, H_l, W_l) exact
+        else:
+            lvl_masks = [resize_mask(masks, shape) for shape in shapes]  # L x (B, H_l, W_l) nearest
+        features = self.neck(feats, lvl_masks, masked=self.padding_invariant)  # L x (B, C, H_l, W_l)
+        return FeatureMaps(features=features, masks=lvl_masks)

@@ -76,7 +76,7 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     return torch.log(x.clamp(min=eps) / (1.0 - x).clamp(min=eps))
 
 
-def apply_box_delta(delta: Tensor, reference: Tensor) -> Tensor:
+def apply_box_delta(delta: Tensor, reference: Tensor, *, eps: float = 1e-5) -> Tensor:
     """The box a head predicts on top of a reference: ``sigmoid(delta + inverse_sigmoid(reference))``.
 
     Deltas live in inverse-sigmoid (logit) space, so any delta gives a box inside [0, 1] and a zero
@@ -86,6 +86,7 @@ def apply_box_delta(delta: Tensor, reference: Tensor) -> Tensor:
     Args:
         delta: (..., 4) output of a box head.
         reference: (..., 4) boxes or (..., 2) points, normalised, same leading shape.
+        eps: of :func:`inverse_sigmoid` (Deformable DETR's ``util/misc.py``: 1e-5; DINO's: 1e-3).
 
     Returns:
         (..., 4) boxes cxcywh in [0, 1].
@@ -96,6 +97,6 @@ def apply_box_delta(delta: Tensor, reference: Tensor) -> Tensor:
             f"{tuple(delta.shape)} and {tuple(reference.shape)}"
         )
     if reference.shape[-1] == 4:
-        return (delta + inverse_sigmoid(reference)).sigmoid()  # (..., 4)
-    centre = delta[..., :2] + inverse_sigmoid(reference)  # (..., 2)
+        return (delta + inverse_sigmoid(reference, eps=eps)).sigmoid()  # (..., 4)
+    centre = delta[..., :2] + inverse_sigmoid(reference, eps=eps)  # (..., 2)
     return torch.cat([centre, delta[..., 2:]], dim=-1).sigmoid()  # (..., 4)

@@ -18,6 +18,7 @@ them are explained in :mod:`detr_edu.levels`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -124,18 +125,19 @@ class DecoderOutput:
 
     Attributes:
         inter_states: (Ld, B, Nq, C) each layer's output (normalised if ``post_norm``).
-        inter_references: (Ld, B, Nq, 2|4) the reference each layer's prediction is built on, in the
-            image frame: layer l's boxes for the loss are
-            ``apply_box_delta(bbox_embed[l](inter_states[l]), inter_references[l])`` (the same boxes
-            the decoder refines with). ``inter_references[0]`` is ``reference_points``; for l >= 1 it
-            is layer l - 1's box (detached, or not with ``look_forward_twice``), or
-            ``reference_points`` again without refinement.
+        inter_references: Ld tensors (B, Nq, 2|4), the reference each layer's prediction is built on,
+            in the image frame: layer l's boxes for the loss are
+            ``apply_box_delta(bbox_embed[l](inter_states[l]), inter_references[l])``.
+            ``inter_references[0]`` is ``reference_points``; for l >= 1 it is layer l - 1's refined
+            box, always 4-d (detached, or not with ``look_forward_twice``), or ``reference_points``
+            again without refinement. A list, because with point references layer 0's is 2-d and
+            the later ones are boxes.
         sampling: with ``return_sampling``, per layer the cross-attention's (locations
             (B, Nq, nh, L, P, 2), weights (B, Nq, nh, L, P)); else None.
     """
 
     inter_states: Tensor
-    inter_references: Tensor
+    inter_references: list[Tensor]
     sampling: list[tuple[Tensor, Tensor]] | None = None
 
 
@@ -147,29 +149,36 @@ class DeformableDecoder(nn.Module):
 
     * **Frames.** ``reference_points`` are in the image frame (like targets and proposals); each layer
       maps them to the levels with :func:`~detr_edu.levels.decoder_reference_points`.
-    * **Box refinement** (``bbox_embed`` given, Deformable DETR Sec. A.4): after layer l, its box head
-      predicts ``box_l = apply_box_delta(bbox_embed[l](state_l), ref_l)``; ``box_l.detach()`` becomes the
-      next layer's reference (its first 2 numbers when the references are points), so each layer's
-      sampling is steered by, but does not backpropagate into, the layers before it. Without
-      ``bbox_embed`` every layer uses the initial reference.
-    * **Point references stay points.** Deformable DETR's code turns a 2-d reference into a 4-d box
-      after the first refinement; here a 2-d reference stays 2-d (the refined centre), so that every
-      layer samples the same way and ``inter_references`` has one shape. Use 4-d references (two-stage,
-      DINO) for box-shaped sampling.
+    * **Box refinement** (``bbox_embed`` given, Deformable DETR Sec. A.4; official
+      ``DeformableTransformerDecoder.forward``): after layer l, its box head predicts
+      ``box_l = apply_box_delta(bbox_embed[l](output_l), ref_l)``; ``box_l.detach()`` becomes the next
+      layer's reference, so each layer's sampling is steered by, but does not backpropagate into, the
+      layers before it. Without ``bbox_embed`` every layer uses the initial reference.
+    * **A point reference becomes a box** after the first refinement, as in the official code: from
+      layer 1 on the reference is 4-d, so later layers sample *box-relative* offsets
+      (``offset / P * wh / 2``) and predict w, h relative to the previous box. (Earlier versions of
+      this course kept the refined centre only; that is not the published model.)
+    * **Refinement reads the raw layer output.** The box that steers the next layer is predicted
+      from the layer's output *before* ``post_norm`` (official DINO, ``bbox_embed[layer_id](output)``,
+      and detrex), while the boxes for the loss (:class:`~detr_edu.heads.PredictionHeads`) read the
+      normalised state. Without ``post_norm`` (Deformable DETR) the two are the same.
     * **Look forward twice** (DINO Sec. 3.5): the reference returned for layer l + 1 is ``box_l``
       *undetached*, so layer l + 1's box loss also trains layer l's box head and layers. The reference
       used for sampling is detached either way; forward values are identical.
     * **Query position from the reference** (``query_pos_from_ref``, DAB-DETR / DINO): recomputed every
-      layer from the current (detached) reference *in the image frame*. (DINO's code encodes the
-      reference already scaled to level 0's padded frame, which makes the query position depend on the
-      padding; the image frame keeps padded and unpadded images identical.)
+      layer from the current (detached) reference. ``query_pos_frame="level0"`` (official DINO,
+      ``gen_sineembed_for_position(reference_points_input[:, :, 0, :])``) encodes the reference
+      scaled to level 0's *padded* frame, which makes the query position depend on the padding;
+      ``"image"`` (the course's padding-invariant option) encodes it in the image frame.
     * **post_norm** (DINO: True, Deformable DETR: False): one shared LayerNorm applied to each returned
-      state; the box heads see the normalised state, the next layer the un-normalised one.
+      state.
 
     Args:
         num_layers: depth (6).
         embed_dim, num_heads, num_levels, num_points, weights_from, feedforward_dim, dropout: per layer.
         post_norm: see above.
+        query_pos_frame: "level0" (official DINO) or "image" (padding-invariant), see above.
+        eps: of the inverse sigmoid in the refinement (Deformable DETR 1e-5, DINO 1e-3).
     """
 
     def __init__(
@@ -184,10 +193,16 @@ class DeformableDecoder(nn.Module):
         feedforward_dim: int = 1024,
         dropout: float = 0.1,
         post_norm: bool = False,
+        query_pos_frame: Literal["level0", "image"] = "level0",
+        eps: float = 1e-5,
     ) -> None:
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if query_pos_frame not in ("level0", "image"):
+            raise ValueError(f"query_pos_frame must be 'level0' or 'image', got {query_pos_frame!r}")
+        self.query_pos_frame = query_pos_frame
+        self.eps = eps
         self.embed_dim = embed_dim
         self.num_layers = num_layers
         self.layers = nn.ModuleList(
@@ -270,15 +285,17 @@ class DeformableDecoder(nn.Module):
                 f"self_attn_mask must be (Nq, Nq) = ({Nq}, {Nq}), got {tuple(self_attn_mask.shape)}"
             )
 
-        D = reference_points.shape[-1]
-        ref_sample = reference_points  # (B, Nq, D) steers sampling and query_pos; detached after layer 0
-        ref_pred = reference_points  # (B, Nq, D) what this layer's boxes are built on (returned)
+        ref_sample = reference_points  # (B, Nq, 2|4) steers sampling and query_pos; detached after layer 0
+        ref_pred = reference_points  # (B, Nq, 2|4) what this layer's boxes are built on (returned)
         states, references, sampling = [], [], []
         for layer_idx, layer in enumerate(self.layers):
-            pos = (
-                query_pos_from_ref(ref_sample) if query_pos_from_ref is not None else query_pos
-            )  # (B, Nq, C)
-            ref_input = decoder_reference_points(ref_sample, valid_ratios)  # (B, Nq, L, D) padded frames
+            ref_input = decoder_reference_points(ref_sample, valid_ratios)  # (B, Nq, L, 2|4) padded frames
+            if query_pos_from_ref is not None:
+                # official DINO: the reference in level 0's padded frame; the course's option: the image frame
+                frame = ref_input[:, :, 0] if self.query_pos_frame == "level0" else ref_sample  # (B, Nq, 2|4)
+                pos = query_pos_from_ref(frame)  # (B, Nq, C)
+            else:
+                pos = query_pos  # (B, Nq, C) or None
             query, layer_sampling = layer(
                 query,
                 query_pos=pos,
@@ -292,18 +309,17 @@ class DeformableDecoder(nn.Module):
             )  # (B, Nq, C); (locations (B, Nq, nh, L, P, 2), weights (B, Nq, nh, L, P)) or None
             if layer_sampling is not None:
                 sampling.append(layer_sampling)
-            state = self.norm(query)  # (B, Nq, C)
-            states.append(state)
+            states.append(self.norm(query))  # (B, Nq, C)
             references.append(ref_pred)
             if bbox_embed is not None:
-                # Box refinement: this layer's box, built on the (detached) reference it sampled with.
-                box = apply_box_delta(bbox_embed[layer_idx](state), ref_sample)[..., :D]  # (B, Nq, D)
+                # Box refinement from the raw output; a point reference becomes a box here.
+                box = apply_box_delta(bbox_embed[layer_idx](query), ref_sample, eps=self.eps)  # (B, Nq, 4)
                 ref_sample = box.detach()
                 # DINO: look forward twice -- the next layer's loss box keeps this layer's gradient.
                 ref_pred = box if look_forward_twice else box.detach()
         return DecoderOutput(
             inter_states=torch.stack(states),  # (num_layers, B, Nq, C)
-            inter_references=torch.stack(references),  # (num_layers, B, Nq, D)
+            inter_references=references,  # num_layers x (B, Nq, 2|4)
             sampling=sampling if return_sampling else None,
         )
 
@@ -343,8 +359,12 @@ class MultiScaleEncoder(nn.Module):
         weights_from: str = "query",
         feedforward_dim: int,
         dropout: float,
+        pos_temperature: float = 10000.0,
+        pos_offset: float = -0.5,
     ) -> None:
         super().__init__()
+        self.pos_temperature = pos_temperature
+        self.pos_offset = pos_offset
         self.level_embed = LevelEmbedding(num_levels=num_levels, embed_dim=embed_dim)
         self.encoder = DeformableEncoder(
             num_layers=num_layers,
@@ -363,9 +383,17 @@ class MultiScaleEncoder(nn.Module):
         """L levels (B, C, H_l, W_l) + masks -> flattened pyramid and memory (B, Nv, C)."""
         if len(feature_maps.features) != self.num_levels:
             raise ValueError(f"expected {self.num_levels} feature levels, got {len(feature_maps.features)}")
+        dtype = feature_maps.features[0].dtype
         pos = [
-            # pixel-centre sine positions of the unpadded image (Deformable DETR's convention)
-            sine_position_embedding(m, num_pos_feats=self.embed_dim // 2, normalize=True, offset=-0.5)
+            # sine positions of the unpadded image (Deformable DETR: pixel centres; DINO: offset 0, T = 20)
+            sine_position_embedding(
+                m,
+                num_pos_feats=self.embed_dim // 2,
+                temperature=self.pos_temperature,
+                normalize=True,
+                offset=self.pos_offset,
+                dtype=dtype if dtype in (torch.float32, torch.float64) else torch.float32,
+            )
             for m in feature_maps.masks
         ]  # L x (B, C, H_l, W_l)
         flat = flatten_levels(

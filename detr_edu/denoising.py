@@ -21,8 +21,12 @@ matching queries, see :mod:`detr_edu.dino`)::
 ``pad_size`` is the largest number of targets of an image of the batch: an image with fewer targets
 fills its remaining slots with **padded** queries (zero content, reference box (0.5, 0.5, 0.5, 0.5)
 = sigmoid(0), as in the reference code, where the padding is zero in logit space).
+The group count follows the official rule (IDEA-Research/DINO,
+``models/dino/dn_components.py:prepare_for_cdn``, and detrex): for ``dn_number >= 50``,
 ``groups = max(1, dn_number // pad_size)``, so ``dn_number`` is the number of *positive* queries
-per group set (Nd is about ``2 * dn_number``), not the total.
+(Nd is about ``2 * dn_number``); for a smaller ``dn_number`` the official code takes
+``2 * dn_number`` groups whatever the targets (its ``dn_number * 2 < 100`` branch), and so does
+:func:`denoising_groups`.
 
 Noise (DINO's rules, seeded by a :class:`torch.Generator`):
 
@@ -31,9 +35,16 @@ Noise (DINO's rules, seeded by a :class:`torch.Generator`):
   ``label_noise_ratio * 0.5 * (K - 1) / K``);
 * boxes: every corner coordinate of the (x0, y0, x1, y1) box moves by ``s * u * half side *
   box_noise_scale`` with a random sign s, and ``u`` uniform in [0, 1) for positives, [1, 2) for
-  negatives; then clamped to the image. A negative's corners may cross (x0 > x1): the box is then
-  re-ordered into the box the two corners span (the reference leaves it crossed, and its
-  ``inverse_sigmoid`` turns the negative width into ~0).
+  negatives; then clamped to the image. A negative's corners may cross (x0 > x1); as in the
+  official code the box is left crossed, and the decoder's reference is
+  ``sigmoid(inverse_sigmoid(box, eps=1e-3))`` (DINO feeds ``inverse_sigmoid`` of the noised boxes
+  to its decoder, which applies the sigmoid): every coordinate is clamped into [~0.001, ~0.999]
+  and a crossed, negative width becomes ~0.001.
+
+The label embedding has ``num_classes + 1`` rows of width C (the decoder's width, 256 in DINO):
+the official ``label_enc = nn.Embedding(dn_labelbook_size + 1, hidden_dim)`` with
+``dn_labelbook_size = num_classes``. Row K is never looked up by DINO (it is DN-DETR's "unknown"
+class). The study note's width of 128 is wrong (chapter 07).
 
 The self-attention mask (True = blocked) lets a denoising query see its own group and the matching
 queries, and nothing else; the matching queries see only each other (:func:`denoising_attn_mask`).
@@ -47,7 +58,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from detr_edu.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from detr_edu.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
 from detr_edu.config import DINOConfig
 
 __all__ = [
@@ -140,13 +151,21 @@ def split_outputs(outputs: dict, num_dn: int) -> tuple[dict, dict]:
 # Reference box of a padded denoising query: sigmoid(0) in every coordinate (the reference code
 # leaves padding at zero in logit space).
 PAD_BOX = 0.5
+# DINO's util/misc.py:inverse_sigmoid eps, applied to the noised boxes it feeds to the decoder
+DN_EPS = 1e-3
 
 
 def denoising_groups(dn_number: int, pad_size: int) -> int:
-    """Number of denoising groups: ``max(1, dn_number // pad_size)`` (0 when ``pad_size`` is 0).
+    """Number of denoising groups, by DINO's rule (0 when ``pad_size`` is 0).
+
+    ``prepare_for_cdn`` doubles ``dn_number`` (positives and negatives); from 100 on it divides by
+    ``2 * pad_size``, below it keeps the doubled number as the group count::
+
+        dn_number >= 50:  max(1, dn_number // pad_size)
+        dn_number <  50:  2 * dn_number
 
     Args:
-        dn_number: the budget of positive denoising queries (DINO: 100).
+        dn_number: DINO's ``dn_number`` (100).
         pad_size: the largest number of targets of an image of the batch.
     """
     if dn_number < 1:
@@ -155,7 +174,10 @@ def denoising_groups(dn_number: int, pad_size: int) -> int:
         raise ValueError(f"pad_size must be >= 0, got {pad_size}")
     if pad_size == 0:
         return 0
-    return max(1, dn_number // pad_size)
+    doubled = 2 * dn_number
+    if doubled >= 100:
+        return max(1, doubled // (2 * pad_size))
+    return doubled
 
 
 def noise_labels(
@@ -199,7 +221,7 @@ def noise_boxes(
 
     Returns:
         (N, 4) noised boxes **xyxy, unclamped and possibly crossed** (so that the bounds can be
-        checked); :func:`make_noised_targets` clamps and re-orders them.
+        checked); :func:`make_noised_targets` clamps them.
     """
     if boxes_cxcywh.dim() != 2 or boxes_cxcywh.shape[-1] != 4:
         raise ValueError(f"boxes_cxcywh must be (N, 4), got {tuple(boxes_cxcywh.shape)}")
@@ -325,18 +347,14 @@ def make_noised_targets(
             box_noise_scale=box_noise_scale,
             generator=generator,
         )  # (2 * groups * G, 4)
-        noisy_xyxy = noisy_xyxy.clamp(0.0, 1.0)
-        # re-order crossed corners (only negatives can cross) into a valid box
-        noisy_xyxy = torch.cat(
-            [
-                torch.minimum(noisy_xyxy[:, :2], noisy_xyxy[:, 2:]),
-                torch.maximum(noisy_xyxy[:, :2], noisy_xyxy[:, 2:]),
-            ],
-            dim=-1,
-        )  # (2 * groups * G, 4)
+        noisy_xyxy = noisy_xyxy.clamp(0.0, 1.0)  # crossed negatives stay crossed (official)
+        # the decoder's reference: DINO's inverse_sigmoid (eps 1e-3) of the box, then the sigmoid
+        noisy_cxcywh = inverse_sigmoid(
+            box_xyxy_to_cxcywh(noisy_xyxy), eps=DN_EPS
+        ).sigmoid()  # (2 * groups * G, 4)
         keep_dev = keep.to(device)
         labels[b, keep_dev] = noisy_labels
-        boxes_cxcywh[b, keep_dev] = box_xyxy_to_cxcywh(noisy_xyxy)
+        boxes_cxcywh[b, keep_dev] = noisy_cxcywh
         valid[b, keep_dev] = True
     return NoisedTargets(
         labels=labels,
@@ -392,10 +410,9 @@ class ContrastiveDenoising(nn.Module):
     Args:
         num_classes: K.
         embed_dim: C, the width of the label embedding (the decoder's width).
-        dn_number: budget of positive denoising queries; groups = dn_number // (most targets of an
-            image). DINO: 100.
+        dn_number: DINO's ``dn_number`` (100); groups by :func:`denoising_groups`.
         label_noise_ratio: labels are redrawn with probability half of it (DINO: 0.5).
-        box_noise_scale: lambda of the box noise (DINO: 1.0).
+        box_noise_scale: lambda of the box noise (official DINO-4scale: 0.4; detrex: 1.0).
         seed: seed of the noise generator.
     """
 
@@ -418,7 +435,8 @@ class ContrastiveDenoising(nn.Module):
                 "need 0 <= label_noise_ratio <= 1 and box_noise_scale >= 0, "
                 f"got {label_noise_ratio}, {box_noise_scale}"
             )
-        self.label_embed = nn.Embedding(num_classes, embed_dim)
+        # official: nn.Embedding(dn_labelbook_size + 1, hidden_dim); row K is never looked up
+        self.label_embed = nn.Embedding(num_classes + 1, embed_dim)
         self.num_classes = num_classes
         self.dn_number = dn_number
         self.label_noise_ratio = label_noise_ratio
@@ -467,7 +485,7 @@ class ContrastiveDenoising(nn.Module):
         )
         if noised is None:
             return None
-        weight = self.label_embed.weight  # (K, C)
+        weight = self.label_embed.weight  # (K + 1, C)
         content = self.label_embed(noised.labels.clamp(min=0).to(weight.device))  # (B, Nd, C)
         content = content * noised.valid[..., None].to(content)  # padded queries: zero content
         return DenoisingQueries(

@@ -93,7 +93,8 @@ class DETR(nn.Module):
     @classmethod
     def from_config(cls, cfg: DETRConfig) -> DETR:
         """Build from a :class:`detr_edu.config.DETRConfig`."""
-        backbone = Backbone.from_config(cfg.backbone, embed_dim=cfg.embed_dim)
+        # DETR keeps the course's padding-invariant backbone (the published DETR is not mapped here)
+        backbone = Backbone.from_config(cfg.backbone, embed_dim=cfg.embed_dim, padding_invariant=True)
         return cls(
             backbone=backbone,
             num_classes=cfg.num_classes,

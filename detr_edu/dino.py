@@ -19,6 +19,22 @@ What it adds, each a few lines of :meth:`DINO.forward_features`:
   :class:`detr_edu.denoising.ContrastiveDenoising` (chapter 07); everything of denoising lives in
   :mod:`detr_edu.denoising`.
 
+Official semantics (IDEA-Research/DINO, ``models/dino/dino.py`` and
+``models/dino/deformable_transformer.py`` with ``config/DINO/DINO_4scale.py``) are the default:
+
+* one class head and one box head **shared by every decoder layer** (``dec_pred_class_embed_share``
+  and ``dec_pred_bbox_embed_share`` are True); the encoder's pair starts as copies of them
+  (``two_stage_*_embed_share`` False). detrex's DINO gives every layer its own pair.
+* the image sine embedding with **temperature 20 and no -0.5 offset** (``PositionEmbeddingSineHW``);
+  detrex uses Deformable DETR's (10000, -0.5).
+* proposals ranked by their **best class** logit; padding and border tokens are not excluded.
+* the refinement box that steers the next layer is predicted from the decoder layer's raw output,
+  the boxes for the loss from the normalised one; the query position is computed from the
+  reference in level 0's padded frame; logits of references use ``inverse_sigmoid`` with eps 1e-3.
+
+``padding_invariant=True`` is the course's option (exact level masks, masked neck, no proposal from
+padding or the border, query positions in the image frame); chapter 04 measures it.
+
 The denoising hook. ``forward(images, masks, targets=targets)`` asks ``self.denoiser`` (a module
 given at construction, chapter 07's generator, only in training mode) for a
 :class:`~detr_edu.denoising.DenoisingQueries`;
@@ -32,6 +48,8 @@ outputs are split again -- the last Nq rows are the usual outputs, the first Nd 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
@@ -44,7 +62,10 @@ from detr_edu.position import QueryPositionFromBox
 from detr_edu.targets import check_targets
 from detr_edu.two_stage import TwoStageProposer
 
-__all__ = ["DINO"]
+__all__ = ["DINO", "INVERSE_SIGMOID_EPS"]
+
+#: DINO's ``util/misc.py:inverse_sigmoid`` clamps at 1e-3 (Deformable DETR's at 1e-5).
+INVERSE_SIGMOID_EPS = 1e-3
 
 
 class DINO(nn.Module):
@@ -66,6 +87,8 @@ class DINO(nn.Module):
             encoder features (False, "pure query selection").
         denoiser: chapter 07's denoising-query generator, called in training mode when targets are
             given; None disables denoising.
+        padding_invariant: the course's option (see the module docstring); False = the published
+            model.
     """
 
     def __init__(
@@ -85,6 +108,7 @@ class DINO(nn.Module):
         look_forward_twice: bool = True,
         mixed_query_selection: bool = True,
         denoiser: nn.Module | None = None,
+        padding_invariant: bool = False,
     ) -> None:
         super().__init__()
         L = backbone.num_levels
@@ -98,9 +122,27 @@ class DINO(nn.Module):
             weights_from=weights_from,
             feedforward_dim=feedforward_dim,
             dropout=dropout,
+            pos_temperature=20.0,  # official DINO: PositionEmbeddingSineHW(temperatureH=W=20)
+            pos_offset=0.0,
+        )
+        # official DINO: one class head and one box head shared by every decoder layer
+        self.heads = PredictionHeads(
+            embed_dim=embed_dim,
+            num_classes=num_classes,
+            num_layers=num_decoder_layers,
+            share=True,
+            eps=INVERSE_SIGMOID_EPS,
         )
         self.proposer = TwoStageProposer(
-            embed_dim=embed_dim, num_classes=num_classes, num_queries=num_queries
+            embed_dim=embed_dim,
+            num_classes=num_classes,
+            num_queries=num_queries,
+            score="max",
+            exclude_invalid=padding_invariant,
+            # the encoder's pair starts as copies of the decoder's (two_stage_*_embed_share = False)
+            class_embed=copy.deepcopy(self.heads.class_embed[0]),
+            bbox_embed=copy.deepcopy(self.heads.bbox_embed[0]),
+            eps=INVERSE_SIGMOID_EPS,
         )
         # DINO: mixed query selection -- content queries stay learnable (anchors come from proposals)
         self.tgt_embed = nn.Embedding(num_queries, embed_dim) if mixed_query_selection else None
@@ -114,14 +156,14 @@ class DINO(nn.Module):
             feedforward_dim=feedforward_dim,
             dropout=dropout,
             post_norm=True,  # DINO normalises every returned decoder state
+            query_pos_frame="image" if padding_invariant else "level0",
+            eps=INVERSE_SIGMOID_EPS,
         )
         self.query_pos_head = QueryPositionFromBox(
             embed_dim=embed_dim, box_dim=4
         )  # DAB/DINO: box -> query_pos
-        self.heads = PredictionHeads(
-            embed_dim=embed_dim, num_classes=num_classes, num_layers=num_decoder_layers, share=False
-        )
         self.denoiser = denoiser
+        self.padding_invariant = padding_invariant
         self.embed_dim = embed_dim
         self.num_queries = num_queries
         self.num_classes = num_classes
@@ -138,7 +180,9 @@ class DINO(nn.Module):
         ``cfg.label_noise_ratio`` and ``cfg.box_noise_scale``.
         """
         return cls(
-            backbone=Backbone.from_config(cfg.backbone, embed_dim=cfg.embed_dim),
+            backbone=Backbone.from_config(
+                cfg.backbone, embed_dim=cfg.embed_dim, padding_invariant=cfg.padding_invariant
+            ),
             num_classes=cfg.num_classes,
             embed_dim=cfg.embed_dim,
             num_heads=cfg.num_heads,
@@ -152,6 +196,7 @@ class DINO(nn.Module):
             look_forward_twice=cfg.look_forward_twice,
             mixed_query_selection=cfg.mixed_query_selection,
             denoiser=denoiser,
+            padding_invariant=cfg.padding_invariant,
         )
 
     def forward(
@@ -196,7 +241,7 @@ class DINO(nn.Module):
         With ``return_intermediates`` the outputs gain ``intermediates``: ``flat``, ``memory``,
         ``enc_state`` (:class:`~detr_edu.two_stage.TwoStageOutput`), ``enc_reference`` (B, Nq, 4),
         ``init_reference`` (B, Nd + Nq, 4), ``inter_states`` (Ld, B, Nd + Nq, C),
-        ``inter_references`` (Ld, B, Nd + Nq, 4) and ``sampling`` (per layer (locations, weights)).
+        ``inter_references`` (Ld tensors (B, Nd + Nq, 4)) and ``sampling`` (per layer (locations, weights)).
         """
         enc = self.encoder(feature_maps)
         flat, memory = enc.flat, enc.memory
@@ -231,8 +276,8 @@ class DINO(nn.Module):
             return_sampling=return_intermediates,
         )
         inter_states = decoded.inter_states  # (Ld, B, Nd + Nq, C)
-        inter_references = decoded.inter_references  # (Ld, B, Nd + Nq, 4)
-        out = self.heads(inter_states, list(inter_references))
+        inter_references = decoded.inter_references  # Ld x (B, Nd + Nq, 4)
+        out = self.heads(inter_states, inter_references)
         if denoising is not None:
             dn_out, out = split_outputs(out, num_dn)
             out["dn_outputs"] = dn_out

@@ -37,12 +37,14 @@ from detr_edu.checkpoint import (
     load_checkpoint,
     read_torch_file,
 )
-from detr_edu.config import config_from_dict
+from detr_edu.config import ModelConfig, config_from_dict, config_to_dict
 from detr_edu.logs import final_metrics, read_log
 
-__all__ = ["export_weights", "load_weights", "load_shipped", "SHIPPED_WEIGHTS", "FORMAT"]
+__all__ = ["export_weights", "save_weights", "load_weights", "load_shipped", "SHIPPED_WEIGHTS", "FORMAT"]
 
-FORMAT = "detr_edu-weights-1"
+# 2: the models follow the official semantics (shared DINO heads, 4-d refined references, ...);
+# a format-1 file was made by the earlier, detrex-style models and is refused with that reason
+FORMAT = "detr_edu-weights-2"
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights" / "dino_cpu_digits.pth"
 
 
@@ -79,15 +81,51 @@ def export_weights(
             "choose another --out"
         )
     checkpoint = load_checkpoint(checkpoint_path)
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in checkpoint["model"].items()}
+    return save_weights(
+        checkpoint["model"],
+        out_path,
+        config=config_from_dict(checkpoint["config"]["model"]),
+        category_ids=list(checkpoint["category_ids"]),
+        extra={
+            "train_config": checkpoint["config"].get("train", {}),
+            "step": int(checkpoint["step"]),
+            "metrics": final_metrics(read_log(log_path)) if log_path is not None else {},
+        },
+        dtype=dtype,
+    )
+
+
+def save_weights(
+    state: dict,
+    out_path: str | Path,
+    *,
+    config: ModelConfig,
+    category_ids: list[int],
+    extra: dict | None = None,
+    dtype: torch.dtype = torch.float16,
+) -> Path:
+    """Write a model's state dict in the course's weights format (atomically), floats cast to ``dtype``.
+
+    Used by :func:`export_weights` (trained checkpoints) and :mod:`detr_edu.convert` (published
+    ones). ``extra`` entries (``train_config``, ``step``, ``metrics``, ``source``, ...) are stored
+    beside the weights.
+    """
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+    if is_training_checkpoint(out_path):
+        raise CheckpointError(
+            f"{out_path}: refusing to overwrite a training checkpoint with model-only weights; "
+            "choose another --out"
+        )
     weights = {
         "format": FORMAT,
-        "model": state,
-        "config": checkpoint["config"]["model"],
-        "train_config": checkpoint["config"].get("train", {}),
-        "category_ids": list(checkpoint["category_ids"]),
-        "step": int(checkpoint["step"]),
-        "metrics": final_metrics(read_log(log_path)) if log_path is not None else {},
+        "model": {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
+        "config": config_to_dict(config),
+        "category_ids": [int(c) for c in category_ids],
+        "train_config": {},
+        "step": 0,
+        "metrics": {},
+        **(extra or {}),
     }
     return atomic_save(weights, out_path)
 
@@ -105,12 +143,20 @@ def load_weights(path: str | Path, *, map_location: str | torch.device = "cpu") 
     """
     path = Path(path)
     weights = read_torch_file(path, what="weights file", map_location=map_location)
+    if isinstance(weights, dict) and weights.get("format") == "detr_edu-weights-1":
+        raise ValueError(
+            f"{path} was exported by an earlier version of the course whose models were not the "
+            "published ones (per-layer DINO heads, point references after refinement); re-export it "
+            "from its training checkpoint with python -m detr_edu.export, or retrain"
+        )
     if not isinstance(weights, dict) or weights.get("format") != FORMAT:
         raise ValueError(f"{path} is not a detr_edu weights file (format {FORMAT!r}); see detr_edu.export")
     model = build_model(config_from_dict(weights["config"]), load_backbone_weights=False)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights["model"].items()})
     model.eval()
-    info = {k: weights[k] for k in ("category_ids", "config", "train_config", "step", "metrics")}
+    info = {
+        k: weights.get(k) for k in ("category_ids", "config", "train_config", "step", "metrics", "source")
+    }
     return model, info
 
 

@@ -84,7 +84,8 @@ def load_for_finetuning(model: nn.Module, path: str | Path) -> str:
     model.load_state_dict({**target, **state})
     if not reinit:
         return f"fine-tuning from {path}: every tensor loaded (the same classes)"
-    first = reinit[0]
+    # a class head's rows are the classes (the denoiser's label embedding has one row more)
+    first = next((n for n in reinit if "class_embed" in n), reinit[0])
     return (
         f"fine-tuning from {path}: loaded {len(state)} tensors; re-initialised {len(reinit)} class "
         f"tensors for {target[first].shape[0]} classes instead of {source[first].shape[0]} "

@@ -10,10 +10,13 @@ centre gets the offset; without a reference (DETR) the box is simply ``sigmoid(b
 * ``share=False``: deep copies, one pair per layer (box refinement: each layer refines the box of
   the layer before with its own head, like the stages of Cascade R-CNN).
 
-Initialisation (as Deformable DETR): the class bias starts at ``-log((1 - p) / p)`` with p = 0.01,
-so that the sigmoid focal loss starts with every query saying "background"; the box head's last
-layer starts at zero, so that a layer's first prediction *is* its reference; without a reference
-its height/width bias starts at -2 (boxes of sigmoid(-2) ~ 0.12 of the image).
+Initialisation (as the official Deformable DETR, ``models/deformable_detr.py:DeformableDETR.__init__``):
+the class bias starts at ``-log((1 - p) / p)`` with p = 0.01, so that the sigmoid focal loss starts
+with every query saying "background"; the box head's last layer starts at zero, so that a layer's
+first prediction *is* its reference. Where the first layer's reference is a *point* (one-stage
+Deformable DETR) or there is none (DETR), its height/width bias starts at -2 (boxes of
+sigmoid(-2) ~ 0.12 of the image): ``first_layer_wh_bias=-2``. With deep copies only layer 0's head
+gets it (the official code sets it on ``bbox_embed[0]`` after cloning); two-stage and DINO keep 0.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def _last_linear(head: nn.Module) -> nn.Linear:
     return [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
 
 
-def box_from_delta(delta: Tensor, reference: Tensor | None) -> Tensor:
+def box_from_delta(delta: Tensor, reference: Tensor | None, *, eps: float = 1e-5) -> Tensor:
     """Box from a head's output: ``sigmoid(delta + inverse_sigmoid(reference))``.
 
     The reference case is :func:`detr_edu.box_ops.apply_box_delta` (chapter 03);
@@ -59,13 +62,14 @@ def box_from_delta(delta: Tensor, reference: Tensor | None) -> Tensor:
         delta: (..., 4) box head output (logit space).
         reference: (..., 4) normalised box, (..., 2) normalised point (only the centre is offset),
             or None.
+        eps: of the inverse sigmoid (Deformable DETR 1e-5, DINO 1e-3).
 
     Returns:
         (..., 4) normalised cxcywh.
     """
     if reference is None:
         return delta.sigmoid()  # (..., 4)
-    return apply_box_delta(delta, reference)  # (..., 4)
+    return apply_box_delta(delta, reference, eps=eps)  # (..., 4)
 
 
 class PredictionHeads(nn.Module):
@@ -79,6 +83,9 @@ class PredictionHeads(nn.Module):
         prior_prob: initial foreground probability of the class head.
         box_has_reference: whether boxes are predicted relative to reference points. If False (DETR),
             the box head's height/width bias starts at -2.
+        first_layer_wh_bias: initial height/width bias of layer 0's box head (-2 where layer 0's
+            reference is a point: one-stage Deformable DETR; see the module docstring).
+        eps: of the inverse sigmoid that puts a reference into logit space.
     """
 
     def __init__(
@@ -90,20 +97,24 @@ class PredictionHeads(nn.Module):
         share: bool,
         prior_prob: float = 0.01,
         box_has_reference: bool = True,
+        first_layer_wh_bias: float = 0.0,
+        eps: float = 1e-5,
     ) -> None:
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         class_head = make_class_head(embed_dim=embed_dim, num_classes=num_classes, prior_prob=prior_prob)
         box_head = make_box_head(embed_dim=embed_dim)
+        wh_bias = -2.0 if not box_has_reference else first_layer_wh_bias
         if share:
-            if not box_has_reference:
-                nn.init.constant_(_last_linear(box_head).bias[2:], -2.0)
             self.class_embed = nn.ModuleList([class_head] * num_layers)
             self.bbox_embed = nn.ModuleList([box_head] * num_layers)
         else:
             self.class_embed = nn.ModuleList([copy.deepcopy(class_head) for _ in range(num_layers)])
             self.bbox_embed = nn.ModuleList([copy.deepcopy(box_head) for _ in range(num_layers)])
+        if wh_bias:
+            nn.init.constant_(_last_linear(self.bbox_embed[0]).bias[2:], wh_bias)
+        self.eps = eps
         self.num_layers = num_layers
         self.share = share
 
@@ -128,7 +139,7 @@ class PredictionHeads(nn.Module):
         layers = []
         for i, (h, ref) in enumerate(zip(inter_states, references, strict=True)):
             logits = self.class_embed[i](h)  # (B, Nq, K)
-            boxes = box_from_delta(self.bbox_embed[i](h), ref)  # (B, Nq, 4)
+            boxes = box_from_delta(self.bbox_embed[i](h), ref, eps=self.eps)  # (B, Nq, 4)
             layers.append({"pred_logits": logits, "pred_boxes": boxes})
         out = dict(layers[-1])
         out["aux_outputs"] = layers[:-1]

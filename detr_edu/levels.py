@@ -65,7 +65,7 @@ class FlatLevels:
     valid_ratios: Tensor
 
 
-def valid_ratios_from_mask(mask: Tensor) -> Tensor:
+def valid_ratios_from_mask(mask: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
     """Fraction of a padded map covered by the image, per image: (B, H, W) mask -> (B, 2) (x, y).
 
     The valid size comes from :func:`detr_edu.masks.valid_sizes` (images padded at the bottom and the
@@ -74,17 +74,18 @@ def valid_ratios_from_mask(mask: Tensor) -> Tensor:
 
     Args:
         mask: (B, H, W) bool, True = padding.
+        dtype: of the result (the model's: a float32 ratio cast to float64 is not the float64 ratio).
 
     Returns:
-        (B, 2) float32 ratios ``(valid_W / W, valid_H / H)`` in (0, 1].
+        (B, 2) ratios ``(valid_W / W, valid_H / H)`` in (0, 1].
     """
     if mask.dim() != 3 or mask.dtype != torch.bool:
         raise ValueError(f"mask must be a boolean (B, H, W) tensor, got {mask.dtype} {tuple(mask.shape)}")
     if (~mask).flatten(1).any(1).logical_not().any():
         raise ValueError("every image needs at least one valid pixel: its mask is all padding")
     H, W = mask.shape[-2:]
-    size_xy = valid_sizes(mask).flip(-1).float()  # (B, 2) valid (w, h)
-    return size_xy / torch.tensor([W, H], dtype=torch.float32, device=mask.device)  # (B, 2) (x, y)
+    size_xy = valid_sizes(mask).flip(-1).to(dtype)  # (B, 2) valid (w, h)
+    return size_xy / torch.tensor([W, H], dtype=dtype, device=mask.device)  # (B, 2) (x, y)
 
 
 def flatten_levels(
@@ -152,14 +153,15 @@ def flatten_levels(
             per_level = [p + level_embed[lvl][None, None, :] for lvl, p in enumerate(per_level)]
         flat_pos = torch.cat(per_level, 1)  # (B, Nv, C)
     spatial_shapes = torch.tensor([f.shape[-2:] for f in features], dtype=torch.long, device=device)  # (L, 2)
-    valid_ratios = torch.stack([valid_ratios_from_mask(m) for m in masks], dim=1)  # (B, L, 2)
+    dtype = features[0].dtype if features[0].is_floating_point() else torch.float32
+    valid_ratios = torch.stack([valid_ratios_from_mask(m, dtype=dtype) for m in masks], dim=1)  # (B, L, 2)
     return FlatLevels(
         src=src,
         mask=mask,
         pos=flat_pos,
         spatial_shapes=spatial_shapes,
         level_start_index=level_start_index_from_shapes(spatial_shapes),
-        valid_ratios=valid_ratios.to(features[0].dtype),
+        valid_ratios=valid_ratios,
     )
 
 

@@ -24,6 +24,7 @@ shares one frequency), where ``t`` is the coordinate scaled to ``[0, scale]`` an
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,7 @@ def sine_position_embedding(
     scale: float = 2 * math.pi,
     offset: float = 0.0,
     eps: float = 1e-6,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """2-D sine positional embedding of a padded batch, from its padding mask.
 
@@ -74,10 +76,15 @@ def sine_position_embedding(
 
     * DETR (``models/position_encoding.py``): ``offset = 0``, so the last valid pixel sits exactly at
       ``scale`` and the first at ``scale / H``: coordinates of the pixel's *far edge*.
-    * Deformable DETR / DINO (and detrex's configs for them): ``offset = -0.5``, so pixel i sits at
-      ``(i + 0.5) / H * scale``: the pixel *centre*, the same convention as their reference points and
-      as ``grid_sample(align_corners=False)``. Then :func:`box_sine_embedding` of a pixel's normalised
-      centre reproduces that pixel's embedding (up to ``eps``).
+    * Deformable DETR (``models/position_encoding.py``, and transformers' ``DeformableDetr``):
+      ``offset = -0.5``, so pixel i sits at ``(i + 0.5) / H * scale``: the pixel *centre*, the same
+      convention as its reference points and as ``grid_sample(align_corners=False)``. Then
+      :func:`box_sine_embedding` of a pixel's normalised centre reproduces that pixel's embedding
+      (up to ``eps``).
+    * DINO (official, ``models/dino/position_encoding.py:PositionEmbeddingSineHW``): ``offset = 0``
+      and ``temperature = 20`` (``pe_temperatureH = pe_temperatureW = 20`` in ``DINO_4scale.py``).
+      detrex's DINO configs use Deformable DETR's ``offset = -0.5`` and ``temperature = 10000``
+      instead.
 
     Padded pixels get a zero embedding (the reference implementations leave unused values there;
     nothing ever reads them because padded keys are masked).
@@ -90,6 +97,7 @@ def sine_position_embedding(
         scale: the range of normalised coordinates (2 pi: one full turn of the slowest channel).
         offset: added to the cumulative count before normalising (see above).
         eps: avoids division by zero in fully padded rows/columns.
+        dtype: of the result (the model's; float32 by default).
 
     Returns:
         (B, 2F, H, W): channels [0, F) encode y, [F, 2F) encode x.
@@ -98,7 +106,7 @@ def sine_position_embedding(
         raise ValueError(
             f"mask must be a boolean (B, H, W) tensor (True = padding), got {mask.dtype} {tuple(mask.shape)}"
         )
-    valid = (~mask).float()  # (B, H, W)
+    valid = (~mask).to(dtype)  # (B, H, W)
     y = valid.cumsum(1)  # (B, H, W) rows counted down each column
     x = valid.cumsum(2)  # (B, H, W) columns counted along each row
     if normalize:
@@ -202,27 +210,35 @@ def box_sine_embedding(
     num_pos_feats: int = 128,
     temperature: float = 10000.0,
     scale: float = 2 * math.pi,
+    order: Literal["yx", "xy"] = "yx",
 ) -> Tensor:
     """Sine features of normalised points (x, y) or boxes (cx, cy, w, h).
 
-    The coordinates are reordered to ``(y, x)`` or ``(cy, cx, w, h)`` so that the first 2F channels
-    follow the image embedding's (y, x) layout: for a pixel centre ``(x, y)`` this
+    ``order="yx"``: the coordinates are reordered to ``(y, x)`` or ``(cy, cx, w, h)`` so that the
+    first 2F channels follow the image embedding's (y, x) layout: for a pixel centre ``(x, y)`` this
     equals :func:`sine_position_embedding` with ``offset=-0.5`` at that pixel (DINO's
-    ``gen_sineembed_for_position`` makes the same choice).
+    ``gen_sineembed_for_position`` makes the same choice: its query positions use this order).
+    ``order="xy"`` keeps ``(cx, cy, w, h)`` as given: Deformable DETR's two-stage
+    ``get_proposal_pos_embed`` (``models/deformable_transformer.py``) embeds the proposals so.
 
     Args:
         boxes: (..., 2) points or (..., 4) boxes, normalised to [0, 1].
         num_pos_feats: F channels per coordinate.
         temperature: T.
         scale: coordinates are multiplied by it (2 pi, as the image embedding).
+        order: "yx" (DINO's query positions) or "xy" (Deformable DETR's two-stage proposals).
 
     Returns:
         (..., D * F) with D = 2 or 4.
     """
     if boxes.shape[-1] not in (2, 4):
         raise ValueError(f"boxes must end in 2 (x, y) or 4 (cx, cy, w, h), got shape {tuple(boxes.shape)}")
-    order = [1, 0] if boxes.shape[-1] == 2 else [1, 0, 2, 3]  # (y, x) first, as the image embedding
-    coords = boxes[..., order] * scale  # (..., D)
+    if order not in ("yx", "xy"):
+        raise ValueError(f"order must be 'yx' or 'xy', got {order!r}")
+    if order == "yx":
+        index = [1, 0] if boxes.shape[-1] == 2 else [1, 0, 2, 3]  # (y, x) first, as the image embedding
+        boxes = boxes[..., index]  # (..., D)
+    coords = boxes * scale  # (..., D)
     feats = _sine_features(coords, num_pos_feats, temperature)  # (..., D, F)
     return feats.flatten(-2)  # (..., D*F)
 

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from detr_edu.build import build_model
 from detr_edu.checkpoint import load_checkpoint, module_generators, rng_state, save_checkpoint, set_rng_state
 from detr_edu.coco_eval import CocoEvaluator
-from detr_edu.config import ModelConfig, config_from_dict
+from detr_edu.config import DeformableDETRConfig, ModelConfig, config_from_dict
 from detr_edu.criterion import SetCriterion
 from detr_edu.data import CocoDetection, coco_paths, collate_detection
 from detr_edu.distributed import DistContext, barrier, cleanup, init_distributed
@@ -114,6 +114,8 @@ def build_criterion(mcfg: ModelConfig, tcfg: TrainConfig) -> SetCriterion:
         class_loss=tcfg.class_loss,
         eos_coef=tcfg.eos_coef,
         aux_loss=tcfg.aux_loss,
+        # official two-stage Deformable DETR trains its encoder head class-agnostic (every token)
+        binary_enc_cls=isinstance(mcfg, DeformableDETRConfig) and mcfg.two_stage,
     )
 
 

@@ -10,17 +10,26 @@ Deformable DETR (Zhu et al. 2021, sec. 4.1 "two-stage Deformable DETR" and appen
    (the reference code keeps only boxes with every coordinate in (0.01, 0.99));
 3. the memory is projected (Linear + LayerNorm), and an extra class head and box head predict a
    score per class and a box delta on top of the proposal, in inverse-sigmoid space;
-4. the top-K positions by their best class score are selected -- :class:`TwoStageProposer`.
+4. the top-K positions are selected -- :class:`TwoStageProposer` -- ranked by
 
-Here invalid positions get a score of ``-inf`` before the top-K, so a proposal can never come from
-padding, and the proposal boxes stay finite everywhere. (The reference code fills invalid proposals
-with ``inf`` and zeroes their memory instead, which leaves their scores finite: with enough padding
-they can still be selected.)
+   * ``score="class0"``: the first class logit. Official Deformable DETR
+     (``models/deformable_transformer.py:DeformableTransformer.forward``, ``enc_outputs_class[..., 0]``)
+     and transformers: its encoder head is trained class-agnostic (every target is class 0 in the
+     ``_enc`` loss), so logit 0 is an objectness score;
+   * ``score="max"``: the best class logit. Official DINO (``enc_outputs_class_unselected.max(-1)``)
+     and detrex.
+
+Invalid positions, as the official code does (the default, ``exclude_invalid=False``): their memory
+is zeroed and their proposal is ``inf`` in logit space, so their box is exactly 1 everywhere, and
+their score stays finite -- with enough padding or border tokens they can be selected. With
+``exclude_invalid=True`` (the course's option) they get a score of ``-inf`` before the top-K, so a
+proposal never comes from padding, and every box stays finite.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +56,12 @@ class Proposals:
 
 
 def encoder_proposals(
-    padding_mask: Tensor, spatial_shapes: Tensor, *, base_size: float = 0.05, border: float = 0.01
+    padding_mask: Tensor,
+    spatial_shapes: Tensor,
+    *,
+    base_size: float = 0.05,
+    border: float = 0.01,
+    dtype: torch.dtype = torch.float32,
 ) -> Proposals:
     """A box per encoder pixel, centred on it, its side growing by level.
 
@@ -60,6 +74,7 @@ def encoder_proposals(
         spatial_shapes: (L, 2) long (H_l, W_l).
         base_size: side of the proposals on level 0, as a fraction of the image.
         border: proposals with any coordinate outside (border, 1 - border) are invalid.
+        dtype: of the boxes (the model's).
 
     Returns:
         :class:`Proposals`.
@@ -82,9 +97,9 @@ def encoder_proposals(
     for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
         mask_l = padding_mask[:, start : start + H * W].view(B, H, W)  # (B, H, W)
         # the flattened level masks come from a validated image mask: no rectangle check here
-        valid_h, valid_w = valid_sizes(mask_l, check=False).clamp(min=1).float().unbind(-1)  # (B,) each
-        ys = torch.arange(H, device=device, dtype=torch.float32) + 0.5  # (H,) pixel centres
-        xs = torch.arange(W, device=device, dtype=torch.float32) + 0.5  # (W,)
+        valid_h, valid_w = valid_sizes(mask_l, check=False).clamp(min=1).to(dtype).unbind(-1)  # (B,) each
+        ys = torch.arange(H, device=device, dtype=dtype) + 0.5  # (H,) pixel centres
+        xs = torch.arange(W, device=device, dtype=dtype) + 0.5  # (W,)
         cy = ys[None, :, None] / valid_h[:, None, None]  # (B, H, 1)
         cx = xs[None, None, :] / valid_w[:, None, None]  # (B, 1, W)
         cx, cy = torch.broadcast_tensors(cx, cy)  # (B, H, W) each
@@ -106,7 +121,8 @@ class TwoStageOutput:
         logits: (B, Nv, K) class logits of every token.
         boxes_cxcywh: (B, Nv, 4) refined proposal of every token.
         proposals: the :class:`Proposals` before refinement.
-        scores: (B, Nv) selection score (best class logit, ``-inf`` where invalid).
+        scores: (B, Nv) selection score (class-0 or best class logit; ``-inf`` where invalid with
+            ``exclude_invalid``).
         topk_index: (B, Nq) indices of the selected tokens, best first.
         topk_logits: (B, Nq, K), topk_boxes_cxcywh: (B, Nq, 4), topk_memory: (B, Nq, C) -- the
             selected rows (not detached: the encoder loss trains through them).
@@ -122,12 +138,15 @@ class TwoStageOutput:
     topk_boxes_cxcywh: Tensor
     topk_memory: Tensor
 
-    def enc_outputs(self) -> dict:
-        """The ``enc_outputs`` entry of a model's outputs: the selected proposals, for the ``_enc`` loss.
+    def enc_outputs(self, *, all_tokens: bool = False) -> dict:
+        """The ``enc_outputs`` entry of a model's outputs, for the ``_enc`` loss.
 
-        DINO computes the encoder loss on the K selected proposals; Deformable DETR on all tokens.
-        The course uses the selected ones for both: matching stays small and padding never enters.
+        Official DINO computes the encoder loss on the K selected proposals (``all_tokens=False``,
+        its ``interm_outputs``); official Deformable DETR on every token (``all_tokens=True``, its
+        ``enc_outputs``, with class-agnostic labels: ``SetCriterion(binary_enc_cls=True)``).
         """
+        if all_tokens:
+            return {"pred_logits": self.logits, "pred_boxes": self.boxes_cxcywh}
         return {"pred_logits": self.topk_logits, "pred_boxes": self.topk_boxes_cxcywh}
 
 
@@ -145,6 +164,13 @@ class TwoStageProposer(nn.Module):
         num_queries: how many proposals to select.
         base_size: proposal side on level 0.
         border: see :func:`encoder_proposals`.
+        score: "class0" (Deformable DETR) or "max" (DINO), see the module docstring.
+        exclude_invalid: the course's option: padding and border tokens are never selected.
+        class_embed, bbox_embed: the "extra pair" of heads, when the model owns them (official
+            Deformable DETR without box refinement shares them with the decoder; DINO starts them
+            as copies of the decoder's). None: fresh heads.
+        eps: of the inverse sigmoid (used with ``exclude_invalid``; the published path takes the
+            exact logit of each valid proposal).
     """
 
     def __init__(
@@ -155,16 +181,30 @@ class TwoStageProposer(nn.Module):
         num_queries: int,
         base_size: float = 0.05,
         border: float = 0.01,
+        score: Literal["class0", "max"] = "max",
+        exclude_invalid: bool = False,
+        class_embed: nn.Module | None = None,
+        bbox_embed: nn.Module | None = None,
+        eps: float = 1e-5,
     ) -> None:
         super().__init__()
+        if score not in ("class0", "max"):
+            raise ValueError(f"score must be 'class0' or 'max', got {score!r}")
         self.memory_proj = nn.Linear(embed_dim, embed_dim)
         self.memory_norm = nn.LayerNorm(embed_dim)
         # the "extra pair" of heads on the encoder output (Deformable DETR appendix A.4)
-        self.class_embed = make_class_head(embed_dim=embed_dim, num_classes=num_classes)
-        self.bbox_embed = make_box_head(embed_dim=embed_dim)
+        self.class_embed = (
+            class_embed
+            if class_embed is not None
+            else make_class_head(embed_dim=embed_dim, num_classes=num_classes)
+        )
+        self.bbox_embed = bbox_embed if bbox_embed is not None else make_box_head(embed_dim=embed_dim)
         self.num_queries = num_queries
         self.base_size = base_size
         self.border = border
+        self.score = score
+        self.exclude_invalid = exclude_invalid
+        self.eps = eps
 
     def forward(self, memory: Tensor, padding_mask: Tensor, spatial_shapes: Tensor) -> TwoStageOutput:
         """Score and select proposals.
@@ -183,20 +223,37 @@ class TwoStageProposer(nn.Module):
                 f"{tuple(padding_mask.shape)} disagree"
             )
         proposals = encoder_proposals(
-            padding_mask, spatial_shapes, base_size=self.base_size, border=self.border
+            padding_mask, spatial_shapes, base_size=self.base_size, border=self.border, dtype=memory.dtype
         )
-        num_valid = proposals.valid.sum(1)  # (B,)
-        if (num_valid < self.num_queries).any():
+        if self.exclude_invalid:
+            num_valid = proposals.valid.sum(1)  # (B,)
+            if (num_valid < self.num_queries).any():
+                raise ValueError(
+                    f"two-stage selection needs num_queries={self.num_queries} valid encoder positions "
+                    f"per image, but an image has only {int(num_valid.min())} (images too small for this "
+                    "many queries)"
+                )
+        elif memory.shape[1] < self.num_queries:
             raise ValueError(
-                f"two-stage selection needs num_queries={self.num_queries} valid encoder positions per "
-                f"image, but an image has only {int(num_valid.min())} (images too small for this many "
-                "queries)"
+                f"two-stage selection needs num_queries={self.num_queries} encoder positions, but the "
+                f"batch has only {memory.shape[1]} (images too small for this many queries)"
             )
         out_memory = memory.masked_fill(~proposals.valid[..., None], 0.0)  # (B, Nv, C) invalid -> 0
         out_memory = self.memory_norm(self.memory_proj(out_memory))  # (B, Nv, C)
         logits = self.class_embed(out_memory)  # (B, Nv, K)
-        boxes = box_from_delta(self.bbox_embed(out_memory), proposals.boxes_cxcywh)  # (B, Nv, 4)
-        scores = logits.max(-1).values.masked_fill(~proposals.valid, float("-inf"))  # (B, Nv)
+        delta = self.bbox_embed(out_memory)  # (B, Nv, 4)
+        if self.exclude_invalid:
+            boxes = box_from_delta(delta, proposals.boxes_cxcywh, eps=self.eps)  # (B, Nv, 4) finite
+        else:
+            # the published path: exact logits, +inf where invalid, so an invalid box is exactly 1
+            p = proposals.boxes_cxcywh
+            logit = torch.log(p / (1 - p)).masked_fill(
+                ~proposals.valid[..., None], float("inf")
+            )  # (B, Nv, 4)
+            boxes = (delta + logit).sigmoid()  # (B, Nv, 4)
+        scores = logits[..., 0] if self.score == "class0" else logits.max(-1).values  # (B, Nv)
+        if self.exclude_invalid:
+            scores = scores.masked_fill(~proposals.valid, float("-inf"))  # (B, Nv)
         topk_index = scores.topk(self.num_queries, dim=1).indices  # (B, Nq)
         return TwoStageOutput(
             memory=out_memory,

@@ -161,7 +161,11 @@ def test_neck_padded_equals_alone() -> None:
 
 
 def test_backbone_outputs_and_masks() -> None:
-    model = Backbone(depth=10, levels=(2, 3, 4), embed_dim=64, num_extra_levels=1).eval()
+    """The course's padding-invariant backbone: exact level masks, padded pixels zero after the neck;
+    the published one (default) resizes the image mask, which is off by one on the last level here."""
+    model = Backbone(
+        depth=10, levels=(2, 3, 4), embed_dim=64, num_extra_levels=1, padding_invariant=True
+    ).eval()
     images = torch.randn(2, 3, 64, 96, generator=_gen())
     masks = torch.zeros(2, 64, 96, dtype=torch.bool)
     masks[1, 40:] = True
@@ -177,6 +181,13 @@ def test_backbone_outputs_and_masks() -> None:
     assert [valid_sizes(m)[1].tolist() for m in fm.masks] == [[5, 7], [3, 4], [2, 2], [1, 1]]
     for f, m in zip(fm.features, fm.masks, strict=True):
         assert (f.permute(0, 2, 3, 1)[m] == 0).all()  # padded pixels are zero after the masked neck
+    published = Backbone(depth=10, levels=(2, 3, 4), embed_dim=64, num_extra_levels=1).eval()
+    published.load_state_dict(model.state_dict())
+    fp = published(images, masks)
+    # 50 valid columns of 96: nearest resizing to 2 columns keeps column 48, so 2 "valid" (exact: 1)
+    assert [valid_sizes(m)[1].tolist() for m in fp.masks] == [[5, 7], [3, 4], [2, 2], [1, 2]]
+    torch.testing.assert_close(fp.features[0][0], fm.features[0][0])  # the unpadded image: same
+    assert not torch.allclose(fp.features[0][1], fm.features[0][1])  # the padded one: GroupNorm over padding
 
 
 def _residual_branch_grads(net: ResNetBackbone) -> list[float]:

@@ -50,7 +50,7 @@ def encoder(num_layers=2):
     ).eval()
 
 
-def decoder(num_layers=3, post_norm=True):
+def decoder(num_layers=3, post_norm=True, query_pos_frame="level0"):
     return DeformableDecoder(
         num_layers=num_layers,
         embed_dim=C,
@@ -59,6 +59,7 @@ def decoder(num_layers=3, post_norm=True):
         num_points=P,
         feedforward_dim=32,
         post_norm=post_norm,
+        query_pos_frame=query_pos_frame,
     ).eval()
 
 
@@ -250,7 +251,8 @@ def test_decoder_padded_equals_alone_with_refinement():
     gen = torch.Generator().manual_seed(4)
     alone, padded = alone_and_padded(gen)
     enc = randomize(encoder(), gen)
-    dec = randomize(decoder(), gen)
+    # the course's padding-invariant query positions (image frame); official DINO's level-0 frame is not
+    dec = randomize(decoder(query_pos_frame="image"), gen)
     heads = randomize(
         nn.ModuleList(MLP(input_dim=C, hidden_dim=C, output_dim=4, num_layers=2) for _ in range(3)), gen
     )
@@ -274,7 +276,7 @@ def test_decoder_padded_equals_alone_with_refinement():
                 bbox_embed=heads,
                 query_pos_from_ref=qpos,
             )
-            outs[name] = [t[:, b] for t in (decoded.inter_states, decoded.inter_references)]
+            outs[name] = [t[:, b] for t in (decoded.inter_states, torch.stack(decoded.inter_references))]
     for a, p in zip(outs["alone"], outs["padded"], strict=True):
         torch.testing.assert_close(p, a, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(outs["alone"][1][1], outs["alone"][1][0])  # refinement moved the boxes
@@ -298,9 +300,11 @@ def decode(dec, flat, memory, query, ref, **kwargs):
     assert isinstance(out, DecoderOutput) and (out.sampling is not None) == kwargs.get(
         "return_sampling", False
     )
+    refs = out.inter_references
+    refs = torch.stack(refs) if len({r.shape for r in refs}) == 1 else refs  # (Ld, B, Nq, D) when uniform
     if out.sampling is not None:
-        return out.inter_states, out.inter_references, out.sampling
-    return out.inter_states, out.inter_references
+        return out.inter_states, refs, out.sampling
+    return out.inter_states, refs
 
 
 def test_every_parameter_gets_a_gradient():
@@ -323,10 +327,12 @@ def test_every_parameter_gets_a_gradient():
 
 
 def test_refinement_references_and_look_forward_twice():
+    """Without post_norm the refined reference is the loss box of the layer before (Deformable DETR);
+    with it (DINO) the reference is refined from the raw output, the loss box from the normalised one."""
     gen = torch.Generator().manual_seed(6)
     flat = make_levels(PADDED, [PADDED, ALONE], gen)
     memory = torch.randn(2, flat.src.shape[1], C, generator=gen)
-    dec = randomize(decoder(), gen)
+    dec = randomize(decoder(post_norm=False), gen)
     heads = randomize(
         nn.ModuleList(MLP(input_dim=C, hidden_dim=C, output_dim=4, num_layers=2) for _ in range(3)), gen
     )
@@ -349,19 +355,32 @@ def test_refinement_references_and_look_forward_twice():
         values[lft] = torch.stack(boxes).detach()
         grads[lft] = heads[0].layers[0].weight.grad
     torch.testing.assert_close(values[False], values[True])  # same forward values
+    normed = randomize(decoder(post_norm=True), torch.Generator().manual_seed(6))
+    states, refs = decode(normed, flat, memory, query, ref, bbox_embed=heads)
+    assert not torch.allclose(refs[1], apply_box_delta(heads[0](states[0]), refs[0]))  # raw, not normed
     assert grads[False] is None or grads[False].abs().sum() == 0  # detached: layer 0's head untouched
     assert grads[True].abs().sum() > 0  # DINO: look forward twice trains layer 0's head from layer 1
 
 
-def test_point_references_stay_points():
+def test_point_references_become_boxes():
+    """Official Deformable DETR: after the first refinement a point reference is the refined 4-d box
+    (its w, h the head's sigmoid), so later layers sample box-relative offsets."""
     gen = torch.Generator().manual_seed(7)
     flat = make_levels(PADDED, [PADDED, ALONE], gen)
     memory = torch.randn(2, flat.src.shape[1], C, generator=gen)
-    heads = nn.ModuleList(MLP(input_dim=C, hidden_dim=C, output_dim=4, num_layers=2) for _ in range(3))
-    states, refs = decode(
-        decoder(), flat, memory, torch.randn(2, 5, C), torch.rand(2, 5, 2), bbox_embed=heads
+    heads = randomize(
+        nn.ModuleList(MLP(input_dim=C, hidden_dim=C, output_dim=4, num_layers=2) for _ in range(3)), gen
     )
-    assert states.shape == (3, 2, 5, C) and refs.shape == (3, 2, 5, 2)
+    points = torch.rand(2, 5, 2, generator=gen) * 0.6 + 0.2
+    dec = randomize(decoder(post_norm=False), gen)
+    states, refs, sampling = decode(
+        dec, flat, memory, torch.randn(2, 5, C), points, bbox_embed=heads, return_sampling=True
+    )
+    assert states.shape == (3, 2, 5, C)
+    assert [tuple(r.shape) for r in refs] == [(2, 5, 2), (2, 5, 4), (2, 5, 4)]
+    torch.testing.assert_close(refs[0], points)
+    torch.testing.assert_close(refs[1], apply_box_delta(heads[0](states[0]), points).detach())
+    assert len(sampling) == 3
 
 
 def test_self_attn_mask_isolates_groups():

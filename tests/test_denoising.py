@@ -78,20 +78,21 @@ def test_groups_layout_and_indices() -> None:
     g = torch.Generator().manual_seed(0)
     targets = _targets([3, 1, 0])
     noised = make_noised_targets(
-        targets, dn_number=10, num_classes=K, label_noise_ratio=0.0, box_noise_scale=0.0, generator=g
+        targets, dn_number=60, num_classes=K, label_noise_ratio=0.0, box_noise_scale=0.0, generator=g
     )
-    assert (noised.groups, noised.pad_size, noised.num_queries) == (3, 3, 18)
-    assert noised.labels.shape == (3, 18) and noised.boxes_cxcywh.shape == (3, 18, 4)
-    assert noised.positive.tolist() == ([True] * 3 + [False] * 3) * 3
+    # dn_number 60 >= 50: 60 // 3 = 20 groups of 2 x 3 queries
+    assert (noised.groups, noised.pad_size, noised.num_queries) == (20, 3, 120)
+    assert noised.labels.shape == (3, 120) and noised.boxes_cxcywh.shape == (3, 120, 4)
+    assert noised.positive.tolist() == ([True] * 3 + [False] * 3) * 20
     assert noised.valid[0].all() and not noised.valid[2].any()
-    assert noised.valid[1].tolist() == [True, False, False] * 6
+    assert noised.valid[1].tolist() == [True, False, False] * 40
     # padded queries: label -1, box (0.5, 0.5, 0.5, 0.5)
     assert (noised.labels[~noised.valid] == -1).all()
     assert (noised.boxes_cxcywh[~noised.valid] == PAD_BOX).all()
     # without noise every real slot is an exact copy of its target (positives and negatives)
     for b, t in enumerate(targets):
         q, j = noised.indices[b]
-        assert len(q) == 3 * len(t["labels"])
+        assert len(q) == 20 * len(t["labels"])
         torch.testing.assert_close(noised.boxes_cxcywh[b, q], t["boxes"][j])
         assert torch.equal(noised.labels[b, q], t["labels"][j])
         assert noised.positive[q].all()
@@ -99,8 +100,13 @@ def test_groups_layout_and_indices() -> None:
 
 
 def test_group_count() -> None:
+    """DINO's rule (prepare_for_cdn): dn_number doubled; from 100 on divided by 2 x the most targets,
+    below it taken as the group count."""
     assert denoising_groups(100, 7) == 14
-    assert denoising_groups(5, 9) == 1  # more targets than the budget: still one group
+    assert denoising_groups(50, 9) == 5
+    assert denoising_groups(60, 100) == 1  # more targets than the budget: still one group
+    assert denoising_groups(49, 9) == 98  # the small-dn_number branch: 2 x dn_number groups
+    assert denoising_groups(5, 1) == 10
     assert denoising_groups(100, 0) == 0
     with pytest.raises(ValueError, match="dn_number must be >= 1"):
         denoising_groups(0, 3)
@@ -168,12 +174,14 @@ def test_no_targets_switch_denoising_off() -> None:
 
 
 def test_denoiser_outputs() -> None:
-    dn = ContrastiveDenoising(num_classes=K, embed_dim=8, dn_number=4)(_targets([2, 1]), num_queries=5)
-    # pad_size 2, groups 4 // 2 = 2, Nd = 2 * groups * pad_size = 8
-    assert dn.content.shape == (2, 8, 8) and dn.boxes_cxcywh.shape == (2, 8, 4)
-    assert dn.attn_mask.shape == (13, 13) and dn.attn_mask.dtype == torch.bool
+    denoiser = ContrastiveDenoising(num_classes=K, embed_dim=8, dn_number=50)
+    assert denoiser.label_embed.weight.shape == (K + 1, 8)  # official: dn_labelbook_size + 1 rows of width C
+    dn = denoiser(_targets([2, 1]), num_queries=5)
+    # pad_size 2, groups 50 // 2 = 25, Nd = 2 * groups * pad_size = 100
+    assert dn.content.shape == (2, 100, 8) and dn.boxes_cxcywh.shape == (2, 100, 4)
+    assert dn.attn_mask.shape == (105, 105) and dn.attn_mask.dtype == torch.bool
     assert (dn.content[~dn.meta.valid] == 0).all()  # padded queries have no content
-    assert dn.meta.groups == 2 and dn.meta.pad_size == 2 and dn.meta.num_dn == 8
+    assert dn.meta.groups == 25 and dn.meta.pad_size == 2 and dn.meta.num_dn == 100
 
 
 def test_bad_inputs() -> None:
@@ -324,3 +332,37 @@ def test_viz_mask_categories_and_figures() -> None:
     with pytest.raises(ValueError, match="square bool"):
         mask_categories(mask.float(), 8)
     plt.close(plot_denoising_mask(mask, groups=2, pad_size=2))
+
+
+def test_viz_denoising_view_follows_the_group_rule() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+    from matplotlib.patches import Rectangle
+
+    from detr_edu.viz.denoising import _SLOT_COLOURS, denoising_view
+
+    def positives_drawn(ax) -> int:
+        return sum(
+            isinstance(p, Rectangle)
+            and not p.get_fill()
+            and to_hex(p.get_edgecolor()) == _SLOT_COLOURS["positive"]
+            for p in ax.patches
+        )
+
+    # dn_number < 50: 2 * dn_number groups whatever the targets; only the first groups_drawn are drawn
+    fig = denoising_view(dn_number=20, digits_a=2, digits_b=1, groups_drawn=3)
+    image_0, image_1, mask_ax = fig.axes
+    assert "= 40\n" in mask_ax.get_title() and "40 x 2 x pad 2 = 160 dn" in mask_ax.get_title()
+    assert positives_drawn(image_0) == 2 * 3 and positives_drawn(image_1) == 1 * 3
+    assert len(mask_ax.get_xticks()) <= 9 + 1  # every k-th group named, plus "matching"
+    plt.close(fig)
+    # dn_number >= 50: dn_number // pad_size groups
+    fig = denoising_view(dn_number=50, digits_a=6, digits_b=2)
+    assert "50 // 6 = 8\n" in fig.axes[2].get_title()
+    assert positives_drawn(fig.axes[0]) == 6 * 2
+    plt.close(fig)
+    with pytest.raises(ValueError, match="groups_drawn"):
+        denoising_view(groups_drawn=0)

@@ -94,3 +94,56 @@ def test_a_label_outside_the_classes_is_refused_before_the_label_embedding() -> 
     ]
     with pytest.raises(ValueError, match=r"targets\[0\]\['labels'\] must lie in \[0, 4\)"):
         model(_images(), targets=targets)
+
+
+# ------------------------------------------------------------- official semantics, one by one
+
+
+def _fresh(cfg_cls, **kw) -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(cfg_cls(**COMMON, backbone=copy.deepcopy(BACKBONE), **kw))
+
+
+def test_official_dino_shares_its_heads_and_copies_the_encoder_pair() -> None:
+    """DINO_4scale: dec_pred_*_embed_share=True, two_stage_*_embed_share=False (deep copies)."""
+    model = _fresh(DINOConfig)
+    heads = model.heads
+    assert all(heads.class_embed[i] is heads.class_embed[0] for i in range(3))
+    assert all(heads.bbox_embed[i] is heads.bbox_embed[0] for i in range(3))
+    assert model.proposer.class_embed is not heads.class_embed[0]
+    for a, b in zip(model.proposer.bbox_embed.parameters(), heads.bbox_embed[0].parameters(), strict=True):
+        assert a is not b and torch.equal(a, b)  # a copy: same start, trained apart
+    last = heads.bbox_embed[0].layers[-1]
+    assert (last.weight == 0).all() and (last.bias == 0).all()  # no -2: every reference is a box
+    assert model.denoiser.label_embed.weight.shape == (COMMON["num_classes"] + 1, COMMON["embed_dim"])
+
+
+def test_official_dino_image_positions_and_eps() -> None:
+    from detr_edu.dino import INVERSE_SIGMOID_EPS
+
+    model = _fresh(DINOConfig)
+    assert (model.encoder.pos_temperature, model.encoder.pos_offset) == (20.0, 0.0)
+    assert model.decoder.eps == INVERSE_SIGMOID_EPS == 1e-3 and model.heads.eps == 1e-3
+    assert model.decoder.query_pos_frame == "level0" and model.proposer.score == "max"
+    assert DINOConfig().box_noise_scale == 0.4  # DINO_4scale.py: dn_box_noise_scale = 0.4
+    course = _fresh(DINOConfig, padding_invariant=True)
+    assert course.decoder.query_pos_frame == "image" and course.proposer.exclude_invalid
+    assert course.backbone.padding_invariant and not model.backbone.padding_invariant
+
+
+def test_official_deformable_detr_heads_and_ranking() -> None:
+    """DeformableDETR.__init__: plain -> one shared pair with bias[2:] = -2; box refinement -> clones,
+    only bbox_embed[0] at -2; two-stage -> every bias[2:] at 0, ranking by class 0, and without
+    refinement the encoder pair *is* the decoder's shared pair."""
+    plain = _fresh(DeformableDETRConfig)
+    assert plain.heads.bbox_embed[2] is plain.heads.bbox_embed[0]
+    assert (plain.heads.bbox_embed[0].layers[-1].bias[2:] == -2).all()
+    refine = _fresh(DeformableDETRConfig, box_refine=True)
+    assert (refine.heads.bbox_embed[0].layers[-1].bias[2:] == -2).all()
+    assert (refine.heads.bbox_embed[1].layers[-1].bias == 0).all()
+    two = _fresh(DeformableDETRConfig, two_stage=True)
+    assert two.proposer.class_embed is two.heads.class_embed[0] and two.proposer.score == "class0"
+    assert (two.heads.bbox_embed[0].layers[-1].bias == 0).all()
+    both = _fresh(DeformableDETRConfig, two_stage=True, box_refine=True)
+    assert both.proposer.class_embed is not both.heads.class_embed[0]
+    assert plain.encoder.pos_temperature == 10000.0 and plain.encoder.pos_offset == -0.5

@@ -63,11 +63,12 @@ def test_proposals_are_normalised_to_the_valid_image() -> None:
 
 
 def test_selection_never_picks_padding() -> None:
-    """Padded tokens carry huge features (they would win an unmasked top-K); none is ever selected."""
+    """With ``exclude_invalid`` (the course's option) padded tokens carry huge features (they would win
+    an unmasked top-K); none is ever selected."""
     torch.manual_seed(0)
     shapes = [(8, 8), (4, 4), (2, 2)]
     mask = _flat_mask([(8, 8), (3, 5), (6, 2)], shapes)
-    proposer = TwoStageProposer(embed_dim=32, num_classes=5, num_queries=12)
+    proposer = TwoStageProposer(embed_dim=32, num_classes=5, num_queries=12, exclude_invalid=True)
     memory = torch.randn(3, mask.shape[1], 32)
     memory[mask] = 1e4 * torch.randn(int(mask.sum()), 32)
     out = proposer(memory, mask, torch.tensor(shapes))
@@ -84,19 +85,43 @@ def test_selection_never_picks_padding() -> None:
         torch.testing.assert_close(out.topk_memory[b], out.memory[b, out.topk_index[b]])
     enc = out.enc_outputs()
     assert enc["pred_logits"].shape == (3, 12, 5) and enc["pred_boxes"].shape == (3, 12, 4)
+    enc = out.enc_outputs(all_tokens=True)
+    assert enc["pred_logits"].shape == (3, mask.shape[1], 5)
 
 
-def test_selection_without_masking_would_pick_padding() -> None:
-    """The reason for the -inf: the same memory, scored without the mask, selects padded tokens."""
+def test_published_selection_can_pick_padding_and_gives_it_unit_boxes() -> None:
+    """The published rule (no exclusion): the zeroed padded memory scores too and is selected here;
+    an invalid token's proposal is +inf in logit space, so its box is exactly 1; ``exclude_invalid``
+    on the same memory selects none."""
     torch.manual_seed(0)
     shapes = [(8, 8), (4, 4)]
     mask = _flat_mask([(3, 3)], shapes)
-    proposer = TwoStageProposer(embed_dim=32, num_classes=5, num_queries=8)
     memory = torch.randn(1, mask.shape[1], 32)
-    out = proposer(memory, mask, torch.tensor(shapes))
-    unmasked = out.logits.max(-1).values.topk(8, dim=1).indices  # the zeroed padded memory scores too
-    assert mask.gather(1, unmasked).any()
-    assert not mask.gather(1, out.topk_index).any()
+    published = TwoStageProposer(embed_dim=32, num_classes=5, num_queries=8)
+    torch.manual_seed(1)
+    course = TwoStageProposer(embed_dim=32, num_classes=5, num_queries=8, exclude_invalid=True)
+    course.load_state_dict(published.state_dict())
+    out = published(memory, mask, torch.tensor(shapes))
+    assert mask.gather(1, out.topk_index).any()
+    invalid = ~out.proposals.valid
+    assert (out.boxes_cxcywh[invalid] == 1).all() and torch.isfinite(out.scores).all()
+    kept = course(memory, mask, torch.tensor(shapes))
+    assert not mask.gather(1, kept.topk_index).any()
+
+
+def test_class0_score_ranks_by_the_first_logit() -> None:
+    """Deformable DETR ranks by ``logits[..., 0]`` (its class-agnostic encoder head), DINO by the max."""
+    torch.manual_seed(0)
+    shapes = [(6, 6)]
+    mask = torch.zeros(2, 36, dtype=torch.bool)
+    memory = torch.randn(2, 36, 16)
+    first = TwoStageProposer(embed_dim=16, num_classes=4, num_queries=5, score="class0")
+    best = TwoStageProposer(embed_dim=16, num_classes=4, num_queries=5, score="max")
+    best.load_state_dict(first.state_dict())
+    a, b = first(memory, mask, torch.tensor(shapes)), best(memory, mask, torch.tensor(shapes))
+    torch.testing.assert_close(a.scores, a.logits[..., 0])
+    torch.testing.assert_close(b.scores, b.logits.max(-1).values)
+    assert not torch.equal(a.topk_index, b.topk_index)
 
 
 def test_level_masks_feed_proposals() -> None:
@@ -111,7 +136,7 @@ def test_level_masks_feed_proposals() -> None:
 
 
 def test_errors() -> None:
-    proposer = TwoStageProposer(embed_dim=16, num_classes=3, num_queries=10)
+    proposer = TwoStageProposer(embed_dim=16, num_classes=3, num_queries=10, exclude_invalid=True)
     mask = torch.zeros(1, 4 * 4, dtype=torch.bool)
     mask.view(1, 4, 4)[:, 2:] = True
     with pytest.raises(ValueError, match="needs num_queries=10 valid encoder positions"):
@@ -122,3 +147,8 @@ def test_errors() -> None:
         encoder_proposals(torch.zeros(1, 16), torch.tensor([[4, 4]]))
     with pytest.raises(ValueError, match="disagree"):
         proposer(torch.randn(1, 15, 16), torch.zeros(1, 16, dtype=torch.bool), torch.tensor([[4, 4]]))
+    published = TwoStageProposer(embed_dim=16, num_classes=3, num_queries=20)
+    with pytest.raises(ValueError, match="needs num_queries=20 encoder positions"):
+        published(torch.randn(1, 16, 16), mask, torch.tensor([[4, 4]]))
+    with pytest.raises(ValueError, match="score must be"):
+        TwoStageProposer(embed_dim=16, num_classes=3, num_queries=10, score="best")

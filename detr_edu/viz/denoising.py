@@ -292,18 +292,28 @@ def plot_noised_queries(
 
 
 def denoising_view(
-    dn_number: int = 12,
-    digits_a: int = 3,
-    digits_b: int = 1,
+    dn_number: int = 50,
+    digits_a: int = 6,
+    digits_b: int = 2,
     label_noise_ratio: float = 0.5,
     box_noise_scale: float = 1.0,
     num_queries: int = 10,
     seed: int = 0,
+    groups_drawn: int = 2,
 ) -> Figure:
-    """Widget view: two scenes with ``digits_a`` and ``digits_b`` digits, their noised queries and
-    the batch's attention mask (image b's padded slots marked), for the given denoising settings."""
+    """Widget view: two scenes with ``digits_a`` and ``digits_b`` digits, the noised queries of their
+    first ``groups_drawn`` groups and the batch's attention mask (all groups; image 1's padded slots
+    marked), for the given denoising settings.
+
+    The group count follows DINO's rule (:func:`detr_edu.denoising.denoising_groups`): from
+    ``dn_number = 50`` on it is ``dn_number // pad_size``, below it ``2 * dn_number`` whatever the
+    targets, so it can reach 98 groups; drawing every group's boxes would hide the scene, and with
+    more than 8 groups the mask's lines and ticks mark every k-th group only.
+    """
     if digits_a < 0 or digits_b < 0 or max(digits_a, digits_b) == 0:
         raise ValueError(f"need digit counts >= 0, not both 0; got {digits_a}, {digits_b}")
+    if groups_drawn < 1:
+        raise ValueError(f"groups_drawn must be >= 1, got {groups_drawn}")
     scenes = []
     for i, n in enumerate((digits_a, digits_b)):
         if n:
@@ -322,27 +332,40 @@ def denoising_view(
         box_noise_scale=box_noise_scale,
         generator=torch.Generator().manual_seed(seed),
     )
-    mask = denoising_attn_mask(groups=noised.groups, pad_size=noised.pad_size, num_queries=num_queries)
+    groups, pad = noised.groups, noised.pad_size
+    mask = denoising_attn_mask(groups=groups, pad_size=pad, num_queries=num_queries)
+    shown = list(range(min(groups_drawn, groups)))
     fig = plt.figure(figsize=(12, 4.4))
     grid = fig.add_gridspec(1, 3, width_ratios=[1, 1, 1.5])
     for b in range(2):
         ax = fig.add_subplot(grid[0, b])
-        draw_noised_queries(ax, *scenes[b], noised, index=b)
-        ax.set_title(f"image {b}: {len(targets[b]['labels'])} targets", fontsize=9)
+        draw_noised_queries(ax, *scenes[b], noised, index=b, groups=shown)
+        drawn = f"group 0 of {groups}" if len(shown) == 1 else f"groups 0-{len(shown) - 1} of {groups}"
+        ax.set_title(f"image {b}: {len(targets[b]['labels'])} targets ({drawn} drawn)", fontsize=9)
     ax = fig.add_subplot(grid[0, 2])
     draw_denoising_mask(
-        ax,
-        mask,
-        groups=noised.groups,
-        pad_size=noised.pad_size,
-        noised=noised,
-        image=1,
-        annotate=noised.groups <= 4,
-        legend=False,
+        ax, mask, groups=groups, pad_size=pad, noised=noised, image=1, annotate=groups <= 4, legend=False
     )
+    if groups > 8:  # a line and a tick per part would cover the mask: mark every k-th group only
+        step = -(-groups // 8)
+        for line in list(ax.lines):
+            line.remove()
+        for edge in [g * 2 * pad - 0.5 for g in range(0, groups, step)] + [noised.num_queries - 0.5]:
+            ax.axhline(edge, color="white", lw=0.8)
+            ax.axvline(edge, color="white", lw=0.8)
+        ticks = [g * 2 * pad + pad - 0.5 for g in range(0, groups, step)]
+        names = [f"g{g}" for g in range(0, groups, step)]
+        ticks.append(noised.num_queries + (num_queries - 1) / 2)
+        names.append("matching")
+        ax.set_xticks(ticks, names, rotation=90, fontsize=6)
+        ax.set_yticks(ticks, names, fontsize=6)
+    if dn_number >= 50:
+        rule = f"{dn_number} // {pad}" if dn_number >= pad else f"max(1, {dn_number} // {pad})"
+    else:
+        rule = f"2 x {dn_number} (dn_number < 50)"
     ax.set_title(
-        f"mask: {noised.groups} groups x 2 x pad {noised.pad_size} = {noised.num_queries} dn + {num_queries} "
-        "matching\n(strips: image 1's slots; grey = padded)",
+        f"mask: groups = {rule} = {groups}\n{groups} x 2 x pad {pad} = {noised.num_queries} dn + "
+        f"{num_queries} matching\n(strips: image 1's slots; grey = padded)",
         fontsize=9,
     )
     fig.tight_layout()
