@@ -22,7 +22,8 @@ matching queries, see :mod:`detr_edu.dino`)::
 fills its remaining slots with **padded** queries (zero content, reference box (0.5, 0.5, 0.5, 0.5)
 = sigmoid(0), as in the reference code, where the padding is zero in logit space).
 The group count follows the official rule (IDEA-Research/DINO,
-``models/dino/dn_components.py:prepare_for_cdn``, and detrex): for ``dn_number >= 50``,
+``models/dino/dn_components.py:prepare_for_cdn``; detrex's ``projects/dino/modeling/dino.py`` always
+divides, ``max(1, dn_number // pad_size)``, the course's earlier rule): for ``dn_number >= 50``,
 ``groups = max(1, dn_number // pad_size)``, so ``dn_number`` is the number of *positive* queries
 (Nd is about ``2 * dn_number``); for a smaller ``dn_number`` the official code takes
 ``2 * dn_number`` groups whatever the targets (its ``dn_number * 2 < 100`` branch), and so does
@@ -412,7 +413,8 @@ class ContrastiveDenoising(nn.Module):
         embed_dim: C, the width of the label embedding (the decoder's width).
         dn_number: DINO's ``dn_number`` (100); groups by :func:`denoising_groups`.
         label_noise_ratio: labels are redrawn with probability half of it (DINO: 0.5).
-        box_noise_scale: lambda of the box noise (official DINO-4scale: 0.4; detrex: 1.0).
+        box_noise_scale: lambda of the box noise. This class's default, 1.0, is detrex's; the
+            official DINO-4scale value, 0.4, is :class:`~detr_edu.config.DINOConfig`'s default.
         seed: seed of the noise generator.
     """
 
