@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from detr_edu.build import build_model
-from detr_edu.checkpoint import CheckpointError, read_torch_file
+from detr_edu.checkpoint import CHECKPOINT_KEYS, CheckpointError, read_torch_file
 from detr_edu.config import ModelConfig
 from detr_edu.convert_deformable import official_deformable_config, official_deformable_rename
 from detr_edu.convert_dino import official_dino_config, official_dino_rename
@@ -73,6 +73,13 @@ __all__ = [
 def _read_official(path: Path) -> tuple[dict[str, Tensor], dict | None]:
     with torch.serialization.safe_globals([argparse.Namespace]):
         data = read_torch_file(path, what="checkpoint")
+    if isinstance(data, dict) and (
+        str(data.get("format", "")).startswith("detr_edu") or all(k in data for k in CHECKPOINT_KEYS)
+    ):
+        raise ConversionError(
+            f"{path}: already a detr_edu file (an export or a training checkpoint), nothing to convert: "
+            "load it with detr_edu.export.load_weights or use it with --finetune-from / --resume"
+        )
     if isinstance(data, dict) and isinstance(data.get("model"), dict):
         state, args = data["model"], data.get("args")
     elif isinstance(data, dict) and all(isinstance(v, Tensor) for v in data.values()):
@@ -82,6 +89,9 @@ def _read_official(path: Path) -> tuple[dict[str, Tensor], dict | None]:
             f"{path}: not an official Deformable-DETR / DINO checkpoint (expected a dict with a 'model' "
             "state dict)"
         )
+    odd = [k for k, v in state.items() if not isinstance(v, Tensor)]
+    if odd:
+        raise ConversionError(f"{path}: the state dict holds entries that are not tensors: {odd[:5]}")
     if isinstance(args, argparse.Namespace):
         args = vars(args)
     return state, args if isinstance(args, dict) else None

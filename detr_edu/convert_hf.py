@@ -112,7 +112,7 @@ def hf_config_to_course(cfg: Mapping) -> DeformableDETRConfig:
         raise ConversionError(f"config.json: {num_levels} feature levels but {len(stages)} backbone stages")
     two_stage = bool(cfg.get("two_stage", False))
     id2label = cfg.get("id2label") or {}
-    num_classes = int(cfg.get("num_labels", len(id2label) or 91)) if not id2label else len(id2label)
+    num_classes = len(id2label) if id2label else int(cfg.get("num_labels", 91))
     return DeformableDETRConfig(
         num_classes=num_classes,
         embed_dim=int(cfg.get("d_model", 256)),
@@ -230,6 +230,8 @@ def _read_hf_folder(path: Path) -> tuple[dict, dict[str, Tensor]]:
         config = json.loads(config_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ConversionError(f"{config_file}: not a readable JSON file ({err})") from err
+    if not isinstance(config, dict):
+        raise ConversionError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
     if (path / "model.safetensors").is_file():
         from safetensors import SafetensorError
         from safetensors.torch import load_file

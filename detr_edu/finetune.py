@@ -39,12 +39,36 @@ def read_model_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     data = read_torch_file(path, what="model file")
     if isinstance(data, dict) and data.get("format") == FORMAT:
         return data["model"], data.get("config", {})
+    if isinstance(data, dict) and str(data.get("format", "")).startswith("detr_edu-weights-"):
+        raise CheckpointError(
+            f"{path}: a detr_edu export of format {data['format']!r}, made by an earlier version whose "
+            f"models were not the published ones; re-export it (format {FORMAT!r}) or retrain"
+        )
     if isinstance(data, dict) and all(k in data for k in CHECKPOINT_KEYS):
         return data["model"], data["config"].get("model", {})
     raise CheckpointError(
         f"{path}: neither a detr_edu training checkpoint nor an export of one (python -m detr_edu.export); "
         "a published checkpoint must be converted first"
     )
+
+
+def _refuse_split_shared_tensors(model: nn.Module, source: dict, path: str | Path) -> None:
+    """A tensor the model shares under several names (DINO's one head for every decoder layer) must
+    come with one value: a source with different values there (e.g. the earlier per-layer DINO heads)
+    would otherwise load silently, the last name winning."""
+    names: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(tensor), []).append(name)
+    for group in names.values():
+        given = [n for n in group if n in source]
+        first = given[0] if given else None
+        for other in given[1:]:
+            if source[other].shape == source[first].shape and not torch.equal(source[other], source[first]):
+                raise CheckpointError(
+                    f"{path} has different values for {first} and {other}, which this model shares "
+                    "(one tensor): it was made by another architecture (e.g. the course's earlier "
+                    "DINO with a head pair per decoder layer); fine-tune from a checkpoint of this one"
+                )
 
 
 def load_for_finetuning(model: nn.Module, path: str | Path) -> str:
@@ -69,6 +93,7 @@ def load_for_finetuning(model: nn.Module, path: str | Path) -> str:
     for name in sorted(set(target) & set(source)):
         if source[name].shape != target[name].shape:
             (reinit if is_class_tensor(name) else wrong).append(name)
+    _refuse_split_shared_tensors(model, source, path)
     if missing or unexpected or wrong:
         shapes = [f"{n} {tuple(source[n].shape)} vs {tuple(target[n].shape)}" for n in wrong[:5]]
         raise CheckpointError(

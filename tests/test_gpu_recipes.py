@@ -313,3 +313,20 @@ def test_gpu_throughput_smoke(tmp_path: Path) -> None:
     assert [r["preset"] for r in rows] == ["detr_r50_coco", "deformable_detr_r50_coco", "dino_r50_coco"]
     assert all(r["images_per_s"] > 0 and torch.isfinite(torch.tensor(r["loss_last"])) for r in rows)
     assert out.read_text().count("| `") == 3
+
+
+def test_finetuning_refuses_split_shared_heads_and_old_exports(tmp_path: Path) -> None:
+    """The earlier per-layer DINO heads would load silently into the shared head (last name wins):
+    refused, as is an export of the earlier format."""
+    shipped = torch.load(SHIPPED_WEIGHTS, weights_only=True)
+    split = dict(shipped, model=dict(shipped["model"]))
+    key = "heads.bbox_embed.1.layers.0.weight"
+    split["model"][key] = split["model"][key] + 1.0  # layer 1 gets its own box head
+    torch.save(split, tmp_path / "split.pth")
+    with pytest.raises(
+        CheckpointError, match=r"different values for heads\.bbox_embed\.0\.layers\.0\.weight"
+    ):
+        load_for_finetuning(build_model(get_preset("dino_cpu", num_classes=5)), tmp_path / "split.pth")
+    torch.save(dict(shipped, format="detr_edu-weights-1"), tmp_path / "old.pth")
+    with pytest.raises(CheckpointError, match="made by an earlier version"):
+        load_for_finetuning(build_model(get_preset("dino_cpu", num_classes=5)), tmp_path / "old.pth")

@@ -239,3 +239,23 @@ def test_convert_cli_writes_loadable_weights_and_refuses_a_foreign_file(saved, t
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "foreign.pth" in err and err.startswith("detr_edu.convert: error:")
+
+
+def test_convert_refuses_course_files_and_odd_inputs(saved, tmp_path):
+    """A detr_edu export given to the converter, a state dict with non-tensors, a JSON list as
+    config.json: one clear ConversionError each, no traceback from deep inside."""
+    from detr_edu.convert import from_official
+    from detr_edu.export import SHIPPED_WEIGHTS
+
+    with pytest.raises(ConversionError, match="already a detr_edu file"):
+        from_official(SHIPPED_WEIGHTS)
+    torch.save({"model": {"class_embed.0.weight": torch.zeros(3, 4), "note": "text"}}, tmp_path / "odd.pth")
+    with pytest.raises(ConversionError, match="not tensors: \\['note'\\]"):
+        from_official(tmp_path / "odd.pth")
+    _, folder, _ = saved
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("[1, 2]")
+    (bad / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    with pytest.raises(ConversionError, match="expected a JSON object"):
+        from_hf(bad)
