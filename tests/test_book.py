@@ -83,7 +83,13 @@ def book(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _widget_cells(nb: nbformat.NotebookNode) -> list[int]:
-    return [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and "interact(" in c.source]
+    """Cells that show a widget: they call ``interact(`` or are tagged ``widget``."""
+    return [
+        i
+        for i, c in enumerate(nb.cells)
+        if c.cell_type == "code"
+        and ("interact(" in c.source or "widget" in c.get("metadata", {}).get("tags", []))
+    ]
 
 
 def _picture_outputs(nb: nbformat.NotebookNode) -> int:

@@ -29,8 +29,8 @@ from detr_edu.viz.microscope import (
     move_point,
     nearest_point,
     pattern_locations,
-    photo_query,
-    photo_value,
+    pyramid_query,
+    pyramid_tokens,
     plot_microscope,
     predicted_pattern,
     read_out,
@@ -48,8 +48,8 @@ def _pyramid(seed: int = 0) -> list[torch.Tensor]:
 def _setup(x: float = 0.4, y: float = 0.6):
     pyramid = _pyramid()
     layer = colour_layer(num_heads=4, num_levels=4, num_points=3, seed=1)
-    value, shapes = photo_value(pyramid, num_heads=4)
-    query, query_pos = photo_query(pyramid, x, y, num_heads=4)
+    value, shapes = pyramid_tokens(pyramid, num_heads=4)
+    query, query_pos = pyramid_query(pyramid, x, y, num_heads=4)
     pattern = predicted_pattern(layer, query, reference=torch.tensor([x, y]), query_pos=query_pos)
     return pyramid, layer, value, shapes, query, query_pos, pattern
 
@@ -153,16 +153,16 @@ def test_nearest_point_finds_a_moved_point():
 def test_predicted_pattern_depends_on_the_query_and_checks_inputs():
     pyramid, layer, *_ = _setup()
     a = predicted_pattern(
-        layer, *photo_query(pyramid, 0.2, 0.2, num_heads=4)[:1], reference=torch.tensor([0.2, 0.2])
+        layer, *pyramid_query(pyramid, 0.2, 0.2, num_heads=4)[:1], reference=torch.tensor([0.2, 0.2])
     )
     b = predicted_pattern(
-        layer, *photo_query(pyramid, 0.8, 0.7, num_heads=4)[:1], reference=torch.tensor([0.8, 0.7])
+        layer, *pyramid_query(pyramid, 0.8, 0.7, num_heads=4)[:1], reference=torch.tensor([0.8, 0.7])
     )
     assert not torch.allclose(a.offsets, b.offsets) and not torch.allclose(a.weights, b.weights)
     with pytest.raises(ValueError, match="query must be"):
         predicted_pattern(layer, torch.zeros(5), reference=torch.tensor([0.5, 0.5]))
     with pytest.raises(ValueError, match="normalised"):
-        photo_query(pyramid, 1.5, 0.5, num_heads=4)
+        pyramid_query(pyramid, 1.5, 0.5, num_heads=4)
 
 
 def test_describe_prints_the_corners_and_changes_with_the_pattern():

@@ -7,7 +7,8 @@ What it writes into SRC_DIR:
   (every ``notebooks/NN_*.ipynb``), the API reference;
 - ``intro.md``: the chapter list, with each chapter's title (its first heading);
 - ``notebooks/``: copies of the chapters as committed (executed, with outputs: nothing is re-run),
-  changed in two ways for a reader without a kernel. Widget cells (code calling ``interact(``) lose
+  changed in two ways for a reader without a kernel. Widget cells (code calling ``interact(``, or
+  tagged ``widget``) lose
   their widget output, which needs a kernel and a CDN and stays blank offline, and are followed by
   the widget's static figures from ``figures/``: the ones the markdown before the widget names in
   the paragraph that talks about the widget, kernel or static view (``figures/02_widget_*.png``
@@ -37,7 +38,11 @@ def chapters() -> list[Path]:
 
 
 def is_widget_cell(cell: nbformat.NotebookNode) -> bool:
-    return cell.cell_type == "code" and "interact(" in cell.source
+    """A cell that shows a widget: it calls ``interact(``, or it is tagged ``widget`` (a widget built
+    by a package class, such as chapter 02's sampling microscope)."""
+    return cell.cell_type == "code" and (
+        "interact(" in cell.source or "widget" in cell.get("metadata", {}).get("tags", [])
+    )
 
 
 def title(nb: nbformat.NotebookNode, fallback: str) -> str:

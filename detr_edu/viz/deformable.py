@@ -297,7 +297,9 @@ def plot_sampling_points(
         if head is not None and lvl == levels[-1]:
             fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.04, label="attention weight")
     what = "all heads (colour = head)" if head is None else f"head {head} (colour = weight)"
-    fig.suptitle(f"{title} -- {what}, dot area = attention weight", fontsize=10)
+    uniform = bool(torch.allclose(weights, weights.flatten()[0].expand_as(weights)))
+    area = "dot area = attention weight" + (f" (all equal here: 1/{L * P})" if uniform else "")
+    fig.suptitle(f"{title} -- {what}, {area}", fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -44,8 +44,8 @@ __all__ = [
     "Corners",
     "Readout",
     "colour_layer",
-    "photo_value",
-    "photo_query",
+    "pyramid_tokens",
+    "pyramid_query",
     "predicted_pattern",
     "pattern_locations",
     "move_point",
@@ -132,7 +132,7 @@ def colour_layer(
     return layer.eval()
 
 
-def photo_value(pyramid: list[Tensor], *, num_heads: int) -> tuple[Tensor, Tensor]:
+def pyramid_tokens(pyramid: list[Tensor], *, num_heads: int) -> tuple[Tensor, Tensor]:
     """A pyramid of RGB images as the colour layer's value: every head sees the RGB channels.
 
     Returns:
@@ -143,7 +143,7 @@ def photo_value(pyramid: list[Tensor], *, num_heads: int) -> tuple[Tensor, Tenso
     return flat.repeat(1, num_heads), shapes  # (Nv, 3 * nh)
 
 
-def photo_query(pyramid: list[Tensor], x: float, y: float, *, num_heads: int) -> tuple[Tensor, Tensor]:
+def pyramid_query(pyramid: list[Tensor], x: float, y: float, *, num_heads: int) -> tuple[Tensor, Tensor]:
     """A query standing at (x, y) of the photograph: its content is the colour there (level 0,
     bilinear, repeated per head), its position the sine features of (x, y).
 
@@ -559,7 +559,7 @@ class SamplingMicroscope:
 
         self.pyramid = pyramid
         self.layer = layer
-        self.value, self.shapes = photo_value(pyramid, num_heads=layer.num_heads)  # (Nv, C), (L, 2)
+        self.value, self.shapes = pyramid_tokens(pyramid, num_heads=layer.num_heads)  # (Nv, C), (L, 2)
         self.selected = (0, 0, 0)  # head, level, point
         self.canvas = ClickableFigure(self.on_mouse, dpi=dpi)
         nh, L, P = layer.num_heads, layer.num_levels, layer.num_points
@@ -595,7 +595,9 @@ class SamplingMicroscope:
     def set_query(self, x: float, y: float) -> None:
         """Put the query at (x, y): the pattern becomes what the layer predicts there."""
         self.query_xy = (min(max(x, 0.0), 1.0), min(max(y, 0.0), 1.0))
-        self.query, self.query_pos = photo_query(self.pyramid, *self.query_xy, num_heads=self.layer.num_heads)
+        self.query, self.query_pos = pyramid_query(
+            self.pyramid, *self.query_xy, num_heads=self.layer.num_heads
+        )
         self.pattern = predicted_pattern(
             self.layer, self.query, reference=torch.tensor(self.query_xy), query_pos=self.query_pos
         )
