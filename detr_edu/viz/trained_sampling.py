@@ -475,7 +475,13 @@ def plot_learned_sampling(
             ax = axes[r][c]
             label = f"digit {names[int(target['labels'][j])]}"
             where = f"query {q}" if kind == "decoder" else f"pixel ({row}, {col}) of level 0"
-            _show(ax, image, f"{label}: {where}", _limits(loc.reshape(-1, 2)))
+            # the decoder's points stay near the digit: show the picture; the encoder's go far outside it
+            _show(
+                ax,
+                image,
+                f"{label}: {where}",
+                (0.0, 1.0) if kind == "decoder" else _limits(loc.reshape(-1, 2)),
+            )
             _box(ax, box, ec="red", lw=1.2)
             xy, wt = loc.reshape(-1, 2), w.reshape(-1)  # (nh*L*P, 2), (nh*L*P,)
             order = wt.argsort()  # heaviest on top
