@@ -29,10 +29,10 @@ from detr_edu.viz.microscope import (
     move_point,
     nearest_point,
     pattern_locations,
-    pyramid_query,
-    pyramid_tokens,
     plot_microscope,
     predicted_pattern,
+    pyramid_query,
+    pyramid_tokens,
     read_out,
     set_weight,
 )
@@ -240,3 +240,41 @@ def test_plot_microscope_names_its_level_axes():
     fig = plot_microscope(_pyramid(), pattern, readout, head=0, level=3, point=2, baseline=readout)
     assert [ax.get_gid() for ax in fig.axes[:4]] == [f"level {i}" for i in range(4)]
     plt.close(fig)
+
+
+def test_mouse_events_and_slider_callbacks_wait_for_each_other():
+    """A mouse event arriving on another thread waits while a slider callback holds the widget lock."""
+    import threading
+
+    from detr_edu.viz.canvas import WIDGET_LOCK
+
+    m = SamplingMicroscope(
+        _pyramid(), colour_layer(num_heads=4, num_levels=4, num_points=3), x=0.5, y=0.5, dpi=40
+    )
+    m.mode.value = m.MODES[1]
+    done = threading.Event()
+
+    def click() -> None:
+        m.canvas._handle(_event(m, "mousedown", 0, 0.2, 0.75))
+        done.set()
+
+    with WIDGET_LOCK:  # what a slider callback holds while it redraws
+        worker = threading.Thread(target=click)
+        worker.start()
+        assert not done.wait(0.3), "the mouse handler ran while the lock was held"
+        assert m.query_xy == pytest.approx((0.5, 0.5))
+    assert done.wait(30)
+    worker.join()
+    assert m.query_xy == pytest.approx((0.2, 0.75), abs=0.02)
+    # the observers are wrapped too: a slider change from the widget side takes the same lock
+    m.mode.value = m.MODES[0]
+    acquired = []
+    original = m.redraw
+
+    def spy() -> None:
+        acquired.append(WIDGET_LOCK._is_owned())
+        original()
+
+    m.redraw = spy
+    m.head.value = 1
+    assert acquired == [True]

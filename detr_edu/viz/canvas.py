@@ -5,11 +5,18 @@ The one piece of logic here is the geometry: a PNG rendered at a known dpi *with
 box keeps matplotlib's display coordinates, so a pixel of the PNG maps back to the data coordinates
 of the axes under it (:meth:`FigureGeometry.locate`). Everything that decides what a click *does*
 lives in the views that use this canvas, as plain methods tested without a browser.
+
+One lock, :data:`WIDGET_LOCK`, serialises everything a view does: in JupyterLab with ipykernel 7 the
+callbacks of one view ran on two different threads during a drag, and matplotlib is not
+thread-safe. Without the lock, two redraws overlapped in time and the PNG shipped to the browser
+came out with only the titles drawn (seen in the browser tests: 4.7 KB instead of 80 KB).
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,7 +24,20 @@ import ipywidgets as widgets
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-__all__ = ["AxesHit", "FigureGeometry", "render_figure", "ClickableFigure"]
+__all__ = ["AxesHit", "FigureGeometry", "render_figure", "ClickableFigure", "WIDGET_LOCK", "serialised"]
+
+WIDGET_LOCK = threading.RLock()  # re-entrant: a mouse handler redraws, and the redraw renders
+
+
+def serialised(callback: Callable) -> Callable:
+    """``callback`` run while holding :data:`WIDGET_LOCK` (for a view's observers and buttons)."""
+
+    @functools.wraps(callback)
+    def run(*args, **kwargs):
+        with WIDGET_LOCK:
+            return callback(*args, **kwargs)
+
+    return run
 
 
 @dataclass(frozen=True)
@@ -114,9 +134,10 @@ class ClickableFigure:
 
     def show(self, fig: Figure) -> None:
         """Render ``fig`` into the image (and close it: the widget keeps only the PNG)."""
-        png, self.geometry = render_figure(fig, dpi=self.dpi)
-        plt.close(fig)
-        self.image.value = png
+        with WIDGET_LOCK:
+            png, self.geometry = render_figure(fig, dpi=self.dpi)
+            plt.close(fig)
+            self.image.value = png
 
     def hit(self, event: dict) -> AxesHit | None:
         """The axes and data coordinates of a browser event (ipyevents' ``dataX``, ``dataY``: PNG pixels)."""
@@ -125,6 +146,10 @@ class ClickableFigure:
         return self.geometry.locate(float(event["dataX"]), float(event["dataY"]))
 
     def _handle(self, event: dict) -> None:
+        with WIDGET_LOCK:
+            self._dispatch(event)
+
+    def _dispatch(self, event: dict) -> None:
         kind = {"mousedown": "down", "mousemove": "move", "mouseup": "up"}.get(event.get("type", ""))
         if kind is None:
             return

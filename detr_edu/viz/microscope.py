@@ -555,7 +555,7 @@ class SamplingMicroscope:
     ) -> None:
         import ipywidgets as widgets
 
-        from detr_edu.viz.canvas import ClickableFigure
+        from detr_edu.viz.canvas import ClickableFigure, serialised
 
         self.pyramid = pyramid
         self.layer = layer
@@ -574,11 +574,13 @@ class SamplingMicroscope:
         self.text = widgets.Output()
         self._syncing = False
         for control in (self.head, self.level, self.point):
-            control.observe(self._on_select, names="value")
+            control.observe(serialised(self._on_select), names="value")
         for control in (self.dx, self.dy):
-            control.observe(self._on_offset, names="value")
-        self.weight.observe(self._on_weight, names="value")
-        self.reset.on_click(lambda _: self.set_query(*self.query_xy))
+            control.observe(serialised(self._on_offset), names="value")
+        self.weight.observe(serialised(self._on_weight), names="value")
+        self.mode.observe(serialised(lambda _: self.redraw()), names="value")
+        self._pressed_at = (0.0, 0.0)
+        self.reset.on_click(serialised(lambda _: self.set_query(*self.query_xy)))
         self.set_query(x, y)
         controls = widgets.VBox(
             [
@@ -608,7 +610,11 @@ class SamplingMicroscope:
         return read_out(self.layer, pattern, query=self.query, value=self.value, spatial_shapes=self.shapes)
 
     def on_mouse(self, kind: str, hit) -> None:
-        """Mouse down on a level: pick the nearest point there (or move the query); drag: move it."""
+        """Mouse down on a level: pick the nearest point there (or move the query); drag: move it.
+
+        The release also moves the point when the pointer has moved since the press (moves are
+        throttled, so the last one may arrive before the release); a click without a move only selects.
+        """
         if hit is None or not hit.name.startswith("level "):
             return
         level = int(hit.name.split()[1])
@@ -620,9 +626,13 @@ class SamplingMicroscope:
             locations = pattern_locations(self.pattern, self.shapes)
             head, point, _ = nearest_point(locations, hit.x, hit.y, level=level)
             self.selected = (head, level, point)
-        elif kind == "move":
+            self._pressed_at = (hit.x, hit.y)
+        else:
             head, lvl, point = self.selected
-            if lvl != level:
+            still = (
+                kind == "up" and abs(hit.x - self._pressed_at[0]) + abs(hit.y - self._pressed_at[1]) < 1e-3
+            )
+            if lvl != level or still:
                 return
             self.pattern = move_point(
                 self.pattern,
@@ -678,7 +688,7 @@ class SamplingMicroscope:
             title=f"query at ({x:.2f}, {y:.2f}); mouse: {self.mode.value}",
         )
         self.canvas.show(fig)
-        self.numbers = describe(
+        self.numbers = f"query at (x, y) = ({x:.3f}, {y:.3f})\n" + describe(
             self.pattern,
             readout,
             self.shapes,

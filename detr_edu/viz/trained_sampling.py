@@ -517,7 +517,7 @@ class EncoderPixelView:
     def __init__(self, model: nn.Module, scenes: list[tuple[Tensor, Tensor]], *, dpi: int = 72) -> None:
         import ipywidgets as widgets
 
-        from detr_edu.viz.canvas import ClickableFigure
+        from detr_edu.viz.canvas import ClickableFigure, serialised
 
         self.model, self.scenes = model, scenes
         self._cache: dict[int, EncoderSampling] = {}
@@ -539,7 +539,7 @@ class EncoderPixelView:
         self.ring = widgets.Checkbox(value=False, description="compare with the untrained initial ring")
         self.text = widgets.Output()
         for control in (self.scene, self.layer, self.head, self.ring):
-            control.observe(lambda _: self.redraw(), names="value")
+            control.observe(serialised(lambda _: self.redraw()), names="value")
         self.redraw()
         self.widget = widgets.VBox(
             [widgets.HBox([self.scene, self.head]), self.layer, self.ring, self.canvas.image, self.text]
@@ -607,6 +607,8 @@ class DecoderQueryView:
     ) -> None:
         import ipywidgets as widgets
 
+        from detr_edu.viz.canvas import serialised
+
         self.model, self.scenes, self.class_names = model, scenes, class_names
         self._cache: dict[int, DecoderTrace] = {}
         self.image = widgets.Image(format="png", layout=widgets.Layout(width="auto"))
@@ -621,9 +623,9 @@ class DecoderQueryView:
         )
         self.text = widgets.Output()
         self._set_queries()
-        self.scene.observe(self._on_scene, names="value")
+        self.scene.observe(serialised(self._on_scene), names="value")
         for control in (self.query, self.head):
-            control.observe(lambda _: self.redraw(), names="value")
+            control.observe(serialised(lambda _: self.redraw()), names="value")
         self.redraw()
         self.widget = widgets.VBox([widgets.HBox([self.scene, self.query, self.head]), self.image, self.text])
         self.widget.add_class("detr-edu-decoder-view")
