@@ -16,6 +16,7 @@ __all__ = [
     "box_xyxy_to_cxcywh",
     "box_iou",
     "generalized_box_iou",
+    "batched_generalized_box_iou",
     "inverse_sigmoid",
     "apply_box_delta",
     "check_boxes_xyxy",
@@ -68,6 +69,56 @@ def generalized_box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
     check_boxes_xyxy(boxes1_xyxy, "boxes1_xyxy")
     check_boxes_xyxy(boxes2_xyxy, "boxes2_xyxy")
     return ops.generalized_box_iou(boxes1_xyxy, boxes2_xyxy)
+
+
+def batched_generalized_box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor, *, validate: bool = True) -> Tensor:
+    """Pairwise GIoU within each image of a batch, (B, N, 4) x (B, M, 4) -> (B, N, M).
+
+    Image b's slice equals ``torchvision.ops.generalized_box_iou(boxes1_xyxy[b], boxes2_xyxy[b])``
+    bit for bit: the same operations per element, in the same order (tested). It is written per
+    coordinate into four preallocated buffers instead of calling torchvision (which also accepts
+    leading dimensions), because torchvision allocates a fresh (B, N, M) or (B, N, M, 2) tensor for
+    each of its operations; at DINO's matching size (16 x 900 x 50) those are megabytes each, and on
+    one CPU thread this version is several times faster there.
+
+    Args:
+        boxes1_xyxy: (B, N, 4) boxes.
+        boxes2_xyxy: (B, M, 4) boxes, same B.
+        validate: refuse non-finite and degenerate boxes first, as :func:`generalized_box_iou` does
+            (four host syncs). The matcher validates its inputs once at its entry and passes False.
+
+    Returns:
+        (B, N, M) GIoU in [-1, 1].
+    """
+    if boxes1_xyxy.dim() != 3 or boxes2_xyxy.dim() != 3 or boxes1_xyxy.shape[0] != boxes2_xyxy.shape[0]:
+        raise ValueError(
+            f"need boxes1_xyxy (B, N, 4) and boxes2_xyxy (B, M, 4) with the same B, got "
+            f"{tuple(boxes1_xyxy.shape)} and {tuple(boxes2_xyxy.shape)}"
+        )
+    _check_last_dim(boxes1_xyxy, "boxes1_xyxy")
+    _check_last_dim(boxes2_xyxy, "boxes2_xyxy")
+    if validate:
+        check_boxes_xyxy(boxes1_xyxy, "boxes1_xyxy")
+        check_boxes_xyxy(boxes2_xyxy, "boxes2_xyxy")
+    x0a, y0a, x1a, y1a = boxes1_xyxy[..., None].unbind(-2)  # each (B, N, 1)
+    x0b, y0b, x1b, y1b = boxes2_xyxy[:, None].unbind(-1)  # each (B, 1, M)
+    area1 = (x1a - x0a) * (y1a - y0a)  # (B, N, 1)
+    area2 = (x1b - x0b) * (y1b - y0b)  # (B, 1, M)
+    # Four (B, N, M) buffers, written with out= and in place: at the matcher's sizes each is megabytes,
+    # and a fresh tensor per operation costs page faults as well as a pass over memory.
+    shape = (boxes1_xyxy.shape[0], boxes1_xyxy.shape[1], boxes2_xyxy.shape[1])
+    inter, encl, tmp1, tmp2 = (boxes1_xyxy.new_empty(shape) for _ in range(4))  # each (B, N, M)
+    # Intersection: (min of right edges - max of left edges), clamped at 0, times the same in y.
+    torch.sub(torch.minimum(x1a, x1b, out=inter), torch.maximum(x0a, x0b, out=tmp1), out=inter).clamp_(min=0)
+    torch.sub(torch.minimum(y1a, y1b, out=tmp1), torch.maximum(y0a, y0b, out=tmp2), out=tmp1).clamp_(min=0)
+    inter.mul_(tmp1)  # (B, N, M)
+    # The smallest box enclosing both: (max of right edges - min of left edges), clamped as torchvision.
+    torch.sub(torch.maximum(x1a, x1b, out=encl), torch.minimum(x0a, x0b, out=tmp1), out=encl).clamp_(min=0)
+    torch.sub(torch.maximum(y1a, y1b, out=tmp1), torch.minimum(y0a, y0b, out=tmp2), out=tmp1).clamp_(min=0)
+    encl.mul_(tmp1)  # (B, N, M)
+    union = torch.add(area1, area2, out=tmp1).sub_(inter)  # (B, N, M)
+    iou = inter.div_(union)  # (B, N, M); overwrites inter
+    return iou.sub_(torch.sub(encl, union, out=tmp2).div_(encl))  # (B, N, M): IoU - (|E| - |A u B|) / |E|
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:

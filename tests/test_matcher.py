@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from scipy.optimize import linear_sum_assignment
 from torchvision import ops
 
 from detr_edu.matcher import HungarianMatcher, ce_class_cost, focal_class_cost
@@ -177,6 +178,143 @@ def test_batched_equals_per_image():
         single = matcher({k: v[b : b + 1] for k, v in outputs.items()}, [targets[b]])[0]
         torch.testing.assert_close(batched[b][0], single[0])
         torch.testing.assert_close(batched[b][1], single[1])
+
+
+def batch_wide_assignment(
+    matcher: HungarianMatcher, outputs, targets
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """DETR's way, the matcher's previous production path: the batch-wide matrix, image b's block cut out."""
+    sizes = [len(t["labels"]) for t in targets]
+    cost = matcher.cost_matrix(outputs, targets)  # (B, Nq, G_total)
+    indices = []
+    for b, block in enumerate(cost.split(sizes, dim=-1)):  # block: (B, Nq, G_b)
+        q, t = linear_sum_assignment(block[b].numpy())
+        indices.append((torch.as_tensor(q, dtype=torch.int64), torch.as_tensor(t, dtype=torch.int64)))
+    return indices
+
+
+def with_ties(gen: torch.Generator, outputs, targets, kind: str):
+    """Make exact ties: duplicated queries, duplicated targets, or everything on a coarse grid."""
+    logits, boxes = outputs["pred_logits"].clone(), outputs["pred_boxes"].clone()
+    Nq = logits.shape[1]
+    if kind == "duplicate queries":  # the second half of the queries copies the first half
+        half = Nq // 2
+        logits[:, half : 2 * half], boxes[:, half : 2 * half] = logits[:, :half], boxes[:, :half]
+    elif kind == "duplicate targets":
+        targets = [
+            {k: torch.cat([v[: len(v) // 2], v[: len(v) - len(v) // 2]]) for k, v in t.items()}
+            for t in targets
+        ]
+    else:  # "grid": logits in {-1, 0, 1}, boxes on a 1/4 grid: many exactly equal costs
+        logits = torch.randint(-1, 2, logits.shape, generator=gen).float()
+        boxes = torch.cat(
+            [
+                torch.randint(1, 4, boxes[..., :2].shape, generator=gen) / 4,
+                torch.randint(1, 3, boxes[..., 2:].shape, generator=gen) / 4,
+            ],
+            -1,
+        )
+        targets = [dict(t, boxes=(t["boxes"] * 4).round().clamp(1, 3) / 4) for t in targets]
+    return {"pred_logits": logits, "pred_boxes": boxes}, targets
+
+
+@pytest.mark.parametrize("class_cost_type", ["focal", "ce"])
+def test_per_image_blocks_equal_the_batch_wide_matrix_bit_for_bit(class_cost_type):
+    """forward's per-image blocks are the batch-wide matrix's diagonal blocks, to the last bit, and
+    the padding columns are inf: random batches with 0, 1 and uneven numbers of targets."""
+    gen = torch.Generator().manual_seed(11)
+    matcher = (
+        HungarianMatcher(cost_class=1.0, class_cost_type="ce")
+        if class_cost_type == "ce"
+        else HungarianMatcher()
+    )
+    for trial in range(60):
+        batch = 1 + trial % 5
+        num_queries = int(torch.randint(1, 40, (), generator=gen))
+        num_classes = int(torch.randint(2, 12, (), generator=gen))
+        sizes = torch.randint(0, min(num_queries, 12) + 1, (batch,), generator=gen).tolist()
+        sizes[0] = min(trial % 3, num_queries)  # always some images with 0, 1 and 2 targets
+        outputs, targets = random_problem(
+            gen, batch, num_queries, sizes, num_classes=num_classes, no_object=class_cost_type == "ce"
+        )
+        blocks = matcher.cost_blocks(outputs, targets)  # (B, Nq, G_max)
+        full = matcher.cost_matrix(outputs, targets)  # (B, Nq, G_total)
+        assert blocks.shape == (batch, num_queries, max(sizes)) and blocks.dtype == torch.float32
+        offset = 0
+        for b, g in enumerate(sizes):
+            assert torch.equal(blocks[b, :, :g], full[b, :, offset : offset + g])
+            assert torch.isinf(blocks[b, :, g:]).all()
+            offset += g
+
+
+@pytest.mark.parametrize("ties", [None, "duplicate queries", "duplicate targets", "grid"])
+def test_assignments_identical_to_the_batch_wide_form(ties):
+    gen = torch.Generator().manual_seed(12)
+    for trial in range(40):
+        matcher = HungarianMatcher() if trial % 2 else HungarianMatcher(cost_class=1.0, class_cost_type="ce")
+        batch = 1 + trial % 6
+        num_queries = 2 + trial % 17
+        sizes = torch.randint(0, min(num_queries, 9) + 1, (batch,), generator=gen).tolist()
+        outputs, targets = random_problem(
+            gen, batch, num_queries, sizes, num_classes=6, no_object=trial % 2 == 0
+        )
+        if ties is not None:
+            outputs, targets = with_ties(gen, outputs, targets, ties)
+        got, want = matcher(outputs, targets), batch_wide_assignment(matcher, outputs, targets)
+        for (q, t), (q_ref, t_ref) in zip(got, want, strict=True):
+            assert torch.equal(q, q_ref) and torch.equal(t, t_ref)
+
+
+@pytest.mark.parametrize("class_cost_type", ["focal", "ce"])
+def test_batched_equals_brute_force(class_cost_type):
+    """Batches with uneven target counts (0 to 4 in 5 queries): each image's matching is its optimum."""
+    gen = torch.Generator().manual_seed(13)
+    if class_cost_type == "focal":
+        matcher = HungarianMatcher()
+    else:
+        matcher = HungarianMatcher(cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, class_cost_type="ce")
+    for _ in range(4):
+        sizes = [0, 1, 4, 2, 3]
+        outputs, targets = random_problem(
+            gen, len(sizes), 5, sizes, num_classes=5, no_object=class_cost_type == "ce"
+        )
+        for b, (query_idx, target_idx) in enumerate(matcher(outputs, targets)):
+            logits, boxes = outputs["pred_logits"][b], outputs["pred_boxes"][b]
+            labels, tgt_boxes = targets[b]["labels"], targets[b]["boxes"]
+            best_total, best_queries = brute_force(logits, boxes, labels, tgt_boxes, matcher)
+            got = total_cost(logits, boxes, labels, tgt_boxes, matcher, query_idx, target_idx)
+            assert got == pytest.approx(best_total, abs=1e-5)
+            assert dict(zip(target_idx.tolist(), query_idx.tolist(), strict=True)) == dict(
+                enumerate(best_queries)
+            )
+
+
+def test_float64_inputs_match_in_float32():
+    """float64 predictions and targets are matched in float32, like any other dtype (documented)."""
+    gen = torch.Generator().manual_seed(14)
+    matcher = HungarianMatcher()
+    for sizes in ([3, 0, 5], [1], [4, 4, 2, 1]):
+        outputs, targets = random_problem(gen, len(sizes), 8, sizes)
+        as64 = {k: v.double() for k, v in outputs.items()}
+        targets64 = [dict(t, boxes=t["boxes"].double()) for t in targets]
+        assert matcher.cost_blocks(as64, targets64).dtype == torch.float32
+        for (q, t), (q_ref, t_ref) in zip(
+            matcher(as64, targets64), batch_wide_assignment(matcher, outputs, targets), strict=True
+        ):
+            assert torch.equal(q, q_ref) and torch.equal(t, t_ref)
+
+
+def test_one_check_pass_and_no_false_refusal():
+    """A logit sum that overflows (the fast check's false alarm) is not refused: the detailed checks
+    run and pass; without validation, NaN still fails loudly instead of being matched."""
+    gen = torch.Generator().manual_seed(15)
+    outputs, targets = random_problem(gen, 2, 6, [2, 3], num_classes=10)
+    huge = dict(outputs, pred_logits=outputs["pred_logits"].clone())
+    huge["pred_logits"][:, :, :] = 1e37  # 120 of them: the sum overflows to inf, each is finite
+    assert len(HungarianMatcher()(huge, targets)[1][0]) == 3
+    nan = dict(outputs, pred_logits=outputs["pred_logits"].clone().fill_(float("nan")))
+    with pytest.raises(ValueError):  # scipy refuses the NaN cost: never silently nan_to_num-ed
+        HungarianMatcher()(nan, targets, validate=False)
 
 
 def test_output_format():
