@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from detr_edu.attention import attention_matrix_bytes, scaled_dot_product_attention
-from detr_edu.deformable import deformable_sampling, deformable_sampling_naive
+from detr_edu.deformable import deformable_sampling_grid, deformable_sampling_naive
 
 COCO_SHAPES = [[100, 150], [50, 75], [25, 38], [13, 19]]  # stride 8..64 levels of an 800 x 1200 image
 COURSE_SHAPES = [[32, 32], [16, 16], [8, 8], [4, 4]]  # a 256 x 256 image, the course's CPU size
@@ -91,7 +91,7 @@ def _build(method: str, shapes: list[list[int]], nq: int):
 
         def step():
             if method == "core":
-                deformable_sampling(value, spatial_shapes, loc, weights).sum().backward()
+                deformable_sampling_grid(value, spatial_shapes, loc, weights).sum().backward()
             else:
                 with torch.no_grad():
                     deformable_sampling_naive(value, spatial_shapes, loc, weights)

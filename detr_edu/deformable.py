@@ -8,9 +8,11 @@ dependent kernel shape rather than attention in the dot-product sense.
 
 Three public pieces, each with one job:
 
-* :func:`deformable_sampling` -- the sampling core, one ``F.grid_sample`` call per level, no loops
-  over heads or points (the role of ``ms_deform_attn_core_pytorch`` in the Deformable-DETR
-  repository, written from the paper's equations);
+* :func:`deformable_sampling_grid` -- the sampling core, one ``F.grid_sample`` call per level, no
+  loops over heads or points (the role of ``ms_deform_attn_core_pytorch`` in the Deformable-DETR
+  repository, written from the paper's equations); :func:`deformable_sampling` is the production
+  entry point that checks once and picks the fastest exact kernel (this one or one of
+  :mod:`detr_edu.sampling_kernels`);
 * :func:`deformable_sampling_naive` -- the same core as an explicit loop over every sample with
   hand-written bilinear interpolation: slow, obviously correct, the reference the tests compare to;
 * :class:`MultiScaleDeformableAttention` -- the layer: projections, offsets and weights from the
@@ -35,8 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detr_edu.sampling_kernels import run_compiled, sampling_bag, sampling_compiled, sampling_gather
+
 __all__ = [
+    "SAMPLING_KERNELS",
     "deformable_sampling",
+    "deformable_sampling_grid",
+    "set_sampling_kernel",
     "deformable_sampling_naive",
     "deformable_samples",
     "level_start_index_from_shapes",
@@ -86,10 +93,87 @@ def _check_sampling_inputs(
         )
 
 
+SAMPLING_KERNELS = ("auto", "grid", "bag", "gather", "compiled")
+
+
 def deformable_sampling(
-    value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, attention_weights: Tensor
+    value: Tensor,
+    spatial_shapes: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    *,
+    kernel: str = "auto",
 ) -> Tensor:
     """Bilinearly sample every level at the given locations and sum the samples with the weights.
+
+    out[b, q, h*hd:(h+1)*hd] = sum_{l, p} weights[b, q, h, l, p] *
+    bilinear(value_l[b, :, h], loc[b, q, h, l, p])
+
+    The production entry point: checks the inputs once, then runs one of the exact kernels (all agree
+    with :func:`deformable_sampling_naive` to float64 rounding; speed in chapter 02 section 5 and
+    ``benchmarks/results/vs_transformers.md``):
+
+    * ``"grid"``: :func:`deformable_sampling_grid`, one ``grid_sample`` per level (the official
+      ``ms_deform_attn_core_pytorch`` idea, and what transformers runs on CPU);
+    * ``"bag"``: :func:`~detr_edu.sampling_kernels.sampling_bag`, bilinear corners precomputed and
+      summed by ``F.embedding_bag``;
+    * ``"gather"``: :func:`~detr_edu.sampling_kernels.sampling_gather`, the same corners indexed and
+      summed in plain PyTorch (memory ~ every corner's channels; the form that is compiled);
+    * ``"compiled"``: the gather form through ``torch.compile`` (fastest everywhere measured; compiles
+      on first use and per new shape; falls back to ``"auto"`` with one warning where it cannot);
+    * ``"auto"`` (default): the faster eager kernel for the shape -- ``"bag"`` when the value map is
+      large and has many more tokens than there are queries (``Nv >= 4096`` and ``Nv >= 8 Nq``: a
+      decoder on COCO-sized maps), ``"grid"`` otherwise.
+
+    Args:
+        value: (B, Nv, nh, hd), the levels flattened row-major and concatenated, Nv = sum H_l * W_l.
+        spatial_shapes: (L, 2) integer (H, W) of each level, in the order of ``value``.
+        sampling_locations: (B, Nq, nh, L, P, 2) normalised (x, y), [0, 1] inside the map.
+        attention_weights: (B, Nq, nh, L, P); usually softmax-normalised over (L, P), but any
+            weights are allowed.
+        kernel: one of :data:`SAMPLING_KERNELS`.
+
+    Returns:
+        (B, Nq, nh * hd), heads concatenated along the channels.
+    """
+    _check_sampling_inputs(value, spatial_shapes, sampling_locations, attention_weights)
+    _check_kernel(kernel)
+    return _sample(value, spatial_shapes, sampling_locations, attention_weights, kernel=kernel)
+
+
+def _check_kernel(kernel: str) -> None:
+    if kernel not in SAMPLING_KERNELS:
+        raise ValueError(f"sampling kernel must be one of {SAMPLING_KERNELS}, got {kernel!r}")
+
+
+def _sample(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    *,
+    kernel: str,
+) -> Tensor:
+    """:func:`deformable_sampling` without the input checks (for callers that made the inputs)."""
+    if kernel == "compiled":
+        out = sampling_compiled(value, spatial_shapes, sampling_locations, attention_weights)
+        if out is not None:
+            return out
+        kernel = "auto"
+    if kernel == "auto":
+        Nv, Nq = value.shape[1], sampling_locations.shape[1]
+        kernel = "bag" if Nv >= 4096 and Nv >= 8 * Nq else "grid"
+    if kernel == "bag":
+        return sampling_bag(value, spatial_shapes, sampling_locations, attention_weights)
+    if kernel == "gather":
+        return sampling_gather(value, spatial_shapes, sampling_locations, attention_weights)
+    return _sampling_grid(value, spatial_shapes, sampling_locations, attention_weights)
+
+
+def deformable_sampling_grid(
+    value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """The core with ``F.grid_sample``, one call per level (the form chapter 02 teaches).
 
     out[b, q, h*hd:(h+1)*hd] = sum_{l, p} weights[b, q, h, l, p] *
     bilinear(value_l[b, :, h], loc[b, q, h, l, p])
@@ -109,6 +193,13 @@ def deformable_sampling(
         (B, Nq, nh * hd), heads concatenated along the channels.
     """
     _check_sampling_inputs(value, spatial_shapes, sampling_locations, attention_weights)
+    return _sampling_grid(value, spatial_shapes, sampling_locations, attention_weights)
+
+
+def _sampling_grid(
+    value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """:func:`deformable_sampling_grid` without the input checks."""
     B, Nv, nh, hd = value.shape
     _, Nq, _, L, P, _ = sampling_locations.shape
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
@@ -295,6 +386,8 @@ class MultiScaleDeformableAttention(nn.Module):
         num_points: P, sampling points per head and level.
         dropout: dropout on the projected output, before the identity connection.
         weights_from: "query" (the paper: a linear layer of the query) or "content" (see above).
+        sampling_kernel: which exact kernel samples (:func:`deformable_sampling`'s ``kernel``; change it
+            on a built model with :func:`set_sampling_kernel`). Not a weight: checkpoints ignore it.
     """
 
     def __init__(
@@ -306,8 +399,11 @@ class MultiScaleDeformableAttention(nn.Module):
         num_points: int = 4,
         dropout: float = 0.1,
         weights_from: str = "query",
+        sampling_kernel: str = "auto",
     ) -> None:
         super().__init__()
+        _check_kernel(sampling_kernel)
+        self.sampling_kernel = sampling_kernel
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
         if weights_from not in ("query", "content"):
@@ -455,11 +551,18 @@ class MultiScaleDeformableAttention(nn.Module):
             # (0.8 px on a 200-px level), enough to blur every sample; the Linear layers stay in bf16.
             with torch.autocast(value.device.type, enabled=False):
                 value, offsets, weights = (_at_least_float32(t) for t in (value, offsets, weights))
-                locations = offsets_to_locations(
-                    _at_least_float32(reference_points), offsets, spatial_shapes
-                )  # (B, Nq, nh, L, P, 2)
-                weights = weights.softmax(-1).view(B, Nq, nh, L, P)  # (B, Nq, nh, L, P) sum to 1 per head
-                out = deformable_sampling(value, spatial_shapes, locations, weights)  # (B, Nq, C)
+                reference_points = _at_least_float32(reference_points)
+                fused = None
+                if self.sampling_kernel == "compiled":  # locations, softmax and sampling in one graph
+                    fused = run_compiled(
+                        "layer core", _layer_core, value, offsets, weights, reference_points, spatial_shapes
+                    )
+                if fused is not None:
+                    out, locations, weights = fused
+                else:
+                    out, locations, weights = _layer_core(
+                        value, offsets, weights, reference_points, spatial_shapes, kernel=self.sampling_kernel
+                    )
         else:
             locations = offsets_to_locations(reference_points, offsets, spatial_shapes)  # (B,Nq,nh,L,P,2)
             key = self.key_proj(source)  # (B, Nv, C)
@@ -476,3 +579,39 @@ class MultiScaleDeformableAttention(nn.Module):
         if return_sampling:
             return out, locations, weights
         return out
+
+
+def _layer_core(
+    value: Tensor,
+    offsets: Tensor,
+    logits: Tensor,
+    reference_points: Tensor,
+    spatial_shapes: Tensor,
+    *,
+    kernel: str = "gather",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Locations, softmax weights and the sampled sum of one layer (compiled whole for ``"compiled"``).
+
+    Args: value (B, Nv, nh, hd); offsets (B, Nq, nh, L, P, 2); logits (B, Nq, nh, L*P);
+    reference_points (B, Nq, L, 2|4); spatial_shapes (L, 2).
+
+    Returns:
+        out (B, Nq, nh*hd), locations (B, Nq, nh, L, P, 2), weights (B, Nq, nh, L, P).
+    """
+    B, Nq, nh, L, P, _ = offsets.shape
+    locations = offsets_to_locations(reference_points, offsets, spatial_shapes)  # (B, Nq, nh, L, P, 2)
+    weights = logits.softmax(-1).view(B, Nq, nh, L, P)  # (B, Nq, nh, L, P) sum to 1 per head
+    out = _sample(value, spatial_shapes, locations, weights, kernel=kernel)  # (B, Nq, nh*hd)
+    return out, locations, weights
+
+
+def set_sampling_kernel(model: nn.Module, kernel: str) -> int:
+    """Set the sampling kernel of every :class:`MultiScaleDeformableAttention` in ``model``.
+
+    Returns the number of layers changed (0 for a model without deformable attention, e.g. DETR).
+    """
+    _check_kernel(kernel)
+    layers = [m for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)]
+    for layer in layers:
+        layer.sampling_kernel = kernel
+    return len(layers)
