@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from detr_edu.config import ModelConfig, get_preset
+from detr_edu.deformable import SAMPLING_KERNELS
 from detr_edu.training_presets import TRAINING_PRESET_NAMES, TrainConfig, get_training_preset
 
 __all__ = [
@@ -73,6 +74,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "re-initialised when the dataset has another number of classes",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU runs)")
+    p.add_argument(
+        "--sampling-kernel",
+        choices=SAMPLING_KERNELS,
+        default="auto",
+        help="deformable sampling kernel (detr_edu.deformable.deformable_sampling): 'compiled' is the "
+        "fastest on CPU (torch.compile; ~20 s to compile at start); auto: the faster eager kernel",
+    )
     p.add_argument(
         "--model-set",
         nargs="+",

@@ -114,6 +114,13 @@ def test_plots_return_figures_with_the_logged_data() -> None:
     assert fig.axes[0].texts[0].get_text() == "3 0.90"
     with pytest.raises(ValueError, match="targets"):
         plot_predictions(images, dets, targets=targets[:1])
+    # a figure title sits clear of every panel title (it used to be drawn over them)
+    long = "decoder layer 2: red = predictions above 0.5, dashed green = ground truth"
+    fig = plot_predictions(images * 4, dets * 4, targets=targets * 4, title=long)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    top = fig._suptitle.get_window_extent(renderer)
+    assert all(not top.overlaps(ax.title.get_window_extent(renderer)) for ax in fig.axes if ax.get_title())
     fig = plot_lr_schedule(
         WarmupStepSchedule(base_lrs=[1e-3, 2e-4], warmup_iters=20, drop=0.8), total_steps=100
     )

@@ -113,9 +113,11 @@ def plot_predictions(
     class_names: Sequence[str] | None = None,
     score_threshold: float = 0.5,
     columns: int = 4,
+    title: str | None = None,
 ) -> Figure:
     """Detections on images, one panel each: predicted boxes above ``score_threshold`` (red, with
-    class and score), ground truth dashed green when ``targets`` are given.
+    class and score), ground truth dashed green when ``targets`` are given; ``title`` above all
+    panels (the layout leaves it room, clear of the panel titles).
 
     Args:
         images: (3, H, W) or (1, H, W) tensors in [0, 1].
@@ -162,7 +164,11 @@ def plot_predictions(
                 bbox={"facecolor": "red", "alpha": 0.7, "pad": 0.5, "lw": 0},
             )
         ax.set_title(f"{int(keep.sum())} detections > {score_threshold}", fontsize=7)
-    fig.tight_layout()
+    if title is not None:
+        fig.suptitle(title, fontsize=8)
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.25 / (2.3 * rows)))  # a quarter inch for the title
+    else:
+        fig.tight_layout()
     return fig
 
 
