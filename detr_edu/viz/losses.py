@@ -41,6 +41,7 @@ def plot_curves(
     shade_label: str = "",
     logy: bool = False,
     ax: Axes | None = None,
+    styles: Mapping[str, Mapping[str, object]] | None = None,
 ) -> Figure:
     """Line plot of named curves over a shared x axis, optionally shading where ``shade`` is True.
 
@@ -49,6 +50,8 @@ def plot_curves(
         curves: name -> (N,) values.
         shade: (N,) bool; the x ranges where it is True are shaded (e.g. "boxes do not overlap").
         ax: draw into this axes (to compose panels); a new figure otherwise.
+        styles: name -> matplotlib line keywords (``color``, ``ls``, ``lw``): keep one colour per
+            quantity across panels, and draw a curve that coincides with another dashed on top.
 
     Returns:
         The figure holding the axes.
@@ -58,7 +61,7 @@ def plot_curves(
     for name, values in curves.items():
         if values.shape != x.shape:
             raise ValueError(f"curve {name!r} has shape {tuple(values.shape)} but x has {tuple(x.shape)}")
-        ax.plot(xs, values.detach().cpu().numpy(), label=name)
+        ax.plot(xs, values.detach().cpu().numpy(), label=name, **dict((styles or {}).get(name, {})))
     if shade is not None:
         mask = shade.detach().cpu().numpy().astype(bool)
         ax.fill_between(
