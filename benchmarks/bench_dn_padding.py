@@ -1,6 +1,6 @@
 """Q5 of the study note: should DINO's padded denoising queries be left out of the loss?
 
-In a batch whose images hold different numbers of targets, every image gets ``pad_size`` (the
+In a batch whose images hold different numbers of targets, every image gets ``single_pad`` (the
 largest count) denoising slots per group and part; the slots of the smaller images are *padded*
 queries (zero content, reference box (0.5, 0.5, 0.5, 0.5)). The reference code keeps them in the
 denoising classification loss as "no object"; the alternative drops them from every loss.

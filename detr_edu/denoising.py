@@ -12,19 +12,21 @@ and the split of the decoder's outputs (:func:`split_outputs`). DINO (:mod:`detr
 concatenates the queries in front of its own and calls :func:`split_outputs`; the loss
 (:meth:`detr_edu.criterion.SetCriterion.denoising_losses`) reads the :class:`DenoisingMeta`.
 
-Layout of the Nd = 2 * groups * pad_size denoising queries of a batch (they come *before* the Nq
+Layout of the Nd = 2 * groups * single_pad denoising queries of a batch (they come *before* the Nq
 matching queries, see :mod:`detr_edu.dino`)::
 
-    | group 0                 | group 1                 | ...
-    | pos: pad_size | neg: pad_size | pos: pad_size | neg: pad_size | ...
+    | group 0                         | group 1                         | ...
+    | pos: single_pad | neg: single_pad | pos: single_pad | neg: single_pad | ...
 
-``pad_size`` is the largest number of targets of an image of the batch: an image with fewer targets
+Names are the official code's (``prepare_for_cdn``): ``single_pad`` is the size of one part of a
+group and ``pad_size`` the total, Nd (``DenoisingMeta.pad_size``, the official ``dn_meta["pad_size"]``).
+``single_pad`` is the largest number of targets of an image of the batch: an image with fewer targets
 fills its remaining slots with **padded** queries (zero content, reference box (0.5, 0.5, 0.5, 0.5)
 = sigmoid(0), as in the reference code, where the padding is zero in logit space).
 The group count follows the official rule (IDEA-Research/DINO,
 ``models/dino/dn_components.py:prepare_for_cdn``; detrex's ``projects/dino/modeling/dino.py`` always
-divides, ``max(1, dn_number // pad_size)``, the course's earlier rule): for ``dn_number >= 50``,
-``groups = max(1, dn_number // pad_size)``, so ``dn_number`` is the number of *positive* queries
+divides, ``max(1, dn_number // single_pad)``, the course's earlier rule): for ``dn_number >= 50``,
+``groups = max(1, dn_number // single_pad)``, so ``dn_number`` is the number of *positive* queries
 (Nd is about ``2 * dn_number``); for a smaller ``dn_number`` the official code takes
 ``2 * dn_number`` groups whatever the targets (its ``dn_number * 2 < 100`` branch), and so does
 :func:`denoising_groups`.
@@ -84,8 +86,8 @@ class DenoisingMeta:
 
     Attributes:
         groups: number of groups.
-        pad_size: queries per half-group (the largest target count of an image of the batch).
-        num_dn: Nd = 2 * groups * pad_size, the number of denoising queries.
+        single_pad: queries per half-group (the largest target count of an image of the batch).
+        pad_size: Nd = 2 * groups * single_pad, the number of denoising queries.
         indices: per image ``(query_idx, target_idx)`` int64 of the positive queries: the loss's
             fixed "matching" (the same for every decoder layer).
         valid: (B, Nd) bool, False for padded queries.
@@ -93,8 +95,8 @@ class DenoisingMeta:
     """
 
     groups: int
+    single_pad: int
     pad_size: int
-    num_dn: int
     indices: list[tuple[Tensor, Tensor]]
     valid: Tensor
     positive: Tensor
@@ -131,15 +133,15 @@ class Denoiser(Protocol):
     def __call__(self, targets: list[dict], *, num_queries: int) -> DenoisingQueries | None: ...
 
 
-def split_outputs(outputs: dict, num_dn: int) -> tuple[dict, dict]:
-    """Split per-query outputs into (denoising part: first ``num_dn`` queries, matching part: the rest).
+def split_outputs(outputs: dict, pad_size: int) -> tuple[dict, dict]:
+    """Split per-query outputs into (denoising part: first ``pad_size`` queries, matching part: the rest).
 
     Applied to ``pred_logits``, ``pred_boxes`` and each entry of ``aux_outputs``.
     """
 
     def split(layer: dict) -> tuple[dict, dict]:
-        dn = {k: layer[k][:, :num_dn] for k in ("pred_logits", "pred_boxes")}  # (B, Nd, .)
-        match = {k: layer[k][:, num_dn:] for k in ("pred_logits", "pred_boxes")}  # (B, Nq, .)
+        dn = {k: layer[k][:, :pad_size] for k in ("pred_logits", "pred_boxes")}  # (B, Nd, .)
+        match = {k: layer[k][:, pad_size:] for k in ("pred_logits", "pred_boxes")}  # (B, Nq, .)
         return dn, match
 
     dn, match = split(outputs)
@@ -156,28 +158,28 @@ PAD_BOX = 0.5
 DN_EPS = 1e-3
 
 
-def denoising_groups(dn_number: int, pad_size: int) -> int:
-    """Number of denoising groups, by DINO's rule (0 when ``pad_size`` is 0).
+def denoising_groups(dn_number: int, single_pad: int) -> int:
+    """Number of denoising groups, by DINO's rule (0 when ``single_pad`` is 0).
 
     ``prepare_for_cdn`` doubles ``dn_number`` (positives and negatives); from 100 on it divides by
-    ``2 * pad_size``, below it keeps the doubled number as the group count::
+    ``2 * single_pad``, below it keeps the doubled number as the group count::
 
-        dn_number >= 50:  max(1, dn_number // pad_size)
+        dn_number >= 50:  max(1, dn_number // single_pad)
         dn_number <  50:  2 * dn_number
 
     Args:
         dn_number: DINO's ``dn_number`` (100).
-        pad_size: the largest number of targets of an image of the batch.
+        single_pad: the largest number of targets of an image of the batch.
     """
     if dn_number < 1:
         raise ValueError(f"dn_number must be >= 1, got {dn_number}")
-    if pad_size < 0:
-        raise ValueError(f"pad_size must be >= 0, got {pad_size}")
-    if pad_size == 0:
+    if single_pad < 0:
+        raise ValueError(f"single_pad must be >= 0, got {single_pad}")
+    if single_pad == 0:
         return 0
     doubled = 2 * dn_number
     if doubled >= 100:
-        return max(1, doubled // (2 * pad_size))
+        return max(1, doubled // (2 * single_pad))
     return doubled
 
 
@@ -250,7 +252,7 @@ class NoisedTargets:
         boxes_cxcywh: (B, Nd) x 4 noised reference boxes in [0, 1]; ``PAD_BOX`` for padded queries.
         valid: bool (B, Nd), False for padded queries.
         positive: bool (Nd,), True for the positive half of each group.
-        groups: number of groups; pad_size: queries per part (the largest target count).
+        groups: number of groups; single_pad: queries per part (the largest target count).
         indices: per image ``(query_idx, target_idx)`` of the positive queries (the loss's fixed
             "matching"), int64.
     """
@@ -260,7 +262,7 @@ class NoisedTargets:
     valid: Tensor
     positive: Tensor
     groups: int
-    pad_size: int
+    single_pad: int
     indices: list[tuple[Tensor, Tensor]]
 
     @property
@@ -268,24 +270,26 @@ class NoisedTargets:
         return self.labels.shape[1]
 
 
-def denoising_indices(target_counts: list[int], *, groups: int, pad_size: int) -> list[tuple[Tensor, Tensor]]:
+def denoising_indices(
+    target_counts: list[int], *, groups: int, single_pad: int
+) -> list[tuple[Tensor, Tensor]]:
     """Fixed (query_idx, target_idx) pairs of the positive denoising queries, per image.
 
-    Target j of an image is reconstructed by query ``g * 2 * pad_size + j`` of every group g.
+    Target j of an image is reconstructed by query ``g * 2 * single_pad + j`` of every group g.
 
     Args:
         target_counts: G of every image of the batch.
-        groups, pad_size: see :func:`denoising_groups`.
+        groups, single_pad: see :func:`denoising_groups`.
 
     Returns:
         Per image, two int64 (groups * G,) tensors, like a matcher's output.
     """
     out = []
     for G in target_counts:
-        if G > pad_size:
-            raise ValueError(f"an image has {G} targets but pad_size is {pad_size}")
+        if G > single_pad:
+            raise ValueError(f"an image has {G} targets but single_pad is {single_pad}")
         target_idx = torch.arange(G).repeat(groups)  # (groups * G,)
-        query_idx = (torch.arange(groups) * 2 * pad_size).repeat_interleave(G) + target_idx  # (groups * G,)
+        query_idx = (torch.arange(groups) * 2 * single_pad).repeat_interleave(G) + target_idx  # (groups * G,)
         out.append((query_idx, target_idx))
     return out
 
@@ -317,16 +321,16 @@ def make_noised_targets(
             raise ValueError(
                 f"targets[{i}]['boxes'] must be (G, 4) = ({counts[i]}, 4), got {tuple(t['boxes'].shape)}"
             )
-    pad_size = max(counts)
-    if pad_size == 0:
+    single_pad = max(counts)
+    if single_pad == 0:
         return None  # no ground truth anywhere: nothing to denoise
-    groups = denoising_groups(dn_number, pad_size)
-    B, Nd = len(targets), 2 * groups * pad_size
+    groups = denoising_groups(dn_number, single_pad)
+    B, Nd = len(targets), 2 * groups * single_pad
     device, dtype = targets[0]["boxes"].device, targets[0]["boxes"].dtype
-    # Slot s of a group: s < pad_size is the positive copy of target s, else the negative of s - pad_size.
-    slot = torch.arange(Nd) % (2 * pad_size)  # (Nd,)
-    positive = slot < pad_size  # (Nd,)
-    target_of_slot = slot % pad_size  # (Nd,)
+    # Slot s of a group: s < single_pad is the positive copy of target s, else the negative of s - single_pad.
+    slot = torch.arange(Nd) % (2 * single_pad)  # (Nd,)
+    positive = slot < single_pad  # (Nd,)
+    target_of_slot = slot % single_pad  # (Nd,)
     labels = torch.full((B, Nd), -1, dtype=torch.int64, device=device)  # (B, Nd)
     boxes_cxcywh = torch.full((B, Nd, 4), PAD_BOX, dtype=dtype, device=device)  # (B, Nd, 4)
     valid = torch.zeros(B, Nd, dtype=torch.bool, device=device)  # (B, Nd)
@@ -363,13 +367,13 @@ def make_noised_targets(
         valid=valid,
         positive=positive.to(device),
         groups=groups,
-        pad_size=pad_size,
-        indices=denoising_indices(counts, groups=groups, pad_size=pad_size),
+        single_pad=single_pad,
+        indices=denoising_indices(counts, groups=groups, single_pad=single_pad),
     )
 
 
 def denoising_attn_mask(
-    *, groups: int, pad_size: int, num_queries: int, device: torch.device | None = None
+    *, groups: int, single_pad: int, num_queries: int, device: torch.device | None = None
 ) -> Tensor:
     """The decoder's self-attention mask with the Nd denoising queries first (True = blocked).
 
@@ -381,19 +385,19 @@ def denoising_attn_mask(
       group must solve its own reconstruction, as if it were alone).
 
     Args:
-        groups, pad_size: the layout (Nd = 2 * groups * pad_size).
+        groups, single_pad: the layout (Nd = 2 * groups * single_pad).
         num_queries: Nq matching queries.
         device: where the mask lives.
 
     Returns:
         bool (Nd + Nq, Nd + Nq).
     """
-    if groups < 0 or pad_size < 0 or num_queries < 0:
+    if groups < 0 or single_pad < 0 or num_queries < 0:
         raise ValueError(
-            f"groups, pad_size and num_queries must be >= 0, got {groups}, {pad_size}, {num_queries}"
+            f"groups, single_pad and num_queries must be >= 0, got {groups}, {single_pad}, {num_queries}"
         )
-    Nd = 2 * groups * pad_size
-    group_of = torch.arange(Nd, device=device) // (2 * max(pad_size, 1))  # (Nd,)
+    Nd = 2 * groups * single_pad
+    group_of = torch.arange(Nd, device=device) // (2 * max(single_pad, 1))  # (Nd,)
     mask = torch.zeros(Nd + num_queries, Nd + num_queries, dtype=torch.bool, device=device)
     mask[Nd:, :Nd] = True  # matching -> denoising: blocked
     mask[:Nd, :Nd] = group_of[:, None] != group_of[None, :]  # group -> other group: blocked
@@ -494,12 +498,15 @@ class ContrastiveDenoising(nn.Module):
             content=content,
             boxes_cxcywh=noised.boxes_cxcywh.to(device=weight.device, dtype=weight.dtype),  # (B, Nd, 4)
             attn_mask=denoising_attn_mask(
-                groups=noised.groups, pad_size=noised.pad_size, num_queries=num_queries, device=weight.device
+                groups=noised.groups,
+                single_pad=noised.single_pad,
+                num_queries=num_queries,
+                device=weight.device,
             ),  # (Nd + Nq, Nd + Nq)
             meta=DenoisingMeta(
                 groups=noised.groups,
-                pad_size=noised.pad_size,
-                num_dn=noised.num_queries,
+                single_pad=noised.single_pad,
+                pad_size=noised.num_queries,
                 indices=noised.indices,
                 valid=noised.valid,
                 positive=noised.positive,

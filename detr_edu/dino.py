@@ -255,9 +255,9 @@ class DINO(nn.Module):
         else:
             query = first.topk_memory.detach()  # (B, Nq, C) pure query selection
         attn_mask = None
-        num_dn = 0
+        pad_size = 0
         if denoising is not None:
-            num_dn = self._check_denoising(denoising, B)
+            pad_size = self._check_denoising(denoising, B)
             query = torch.cat([denoising.content, query], dim=1)  # (B, Nd + Nq, C)
             reference = torch.cat([denoising.boxes_cxcywh, reference], dim=1)  # (B, Nd + Nq, 4)
             attn_mask = denoising.attn_mask  # (Nd + Nq, Nd + Nq)
@@ -279,7 +279,7 @@ class DINO(nn.Module):
         inter_references = decoded.inter_references  # Ld x (B, Nd + Nq, 4)
         out = self.heads(inter_states, inter_references)
         if denoising is not None:
-            dn_out, out = split_outputs(out, num_dn)
+            dn_out, out = split_outputs(out, pad_size)
             out["dn_outputs"] = dn_out
             out["dn_meta"] = denoising.meta
         out["enc_outputs"] = first.enc_outputs()

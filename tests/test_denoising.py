@@ -38,15 +38,15 @@ def _targets(counts: list[int], seed: int = 0) -> list[dict]:
     return out
 
 
-def _brute_force_mask(groups: int, pad_size: int, Nq: int) -> torch.Tensor:
-    Nd = 2 * groups * pad_size
+def _brute_force_mask(groups: int, single_pad: int, Nq: int) -> torch.Tensor:
+    Nd = 2 * groups * single_pad
     mask = torch.zeros(Nd + Nq, Nd + Nq, dtype=torch.bool)
     for i in range(Nd + Nq):
         for j in range(Nd + Nq):
             i_dn, j_dn = i < Nd, j < Nd
             if not i_dn and j_dn:
                 mask[i, j] = True  # matching must not see denoising
-            elif i_dn and j_dn and i // (2 * pad_size) != j // (2 * pad_size):
+            elif i_dn and j_dn and i // (2 * single_pad) != j // (2 * single_pad):
                 mask[i, j] = True  # groups must not see each other
     return mask
 
@@ -66,9 +66,9 @@ def test_mask_matches_brute_force_for_random_batches(seed: int) -> None:
         box_noise_scale=1.0,
         generator=g,
     )
-    mask = denoising_attn_mask(groups=noised.groups, pad_size=noised.pad_size, num_queries=Nq)
+    mask = denoising_attn_mask(groups=noised.groups, single_pad=noised.single_pad, num_queries=Nq)
     Nd = noised.num_queries
-    assert torch.equal(mask, _brute_force_mask(noised.groups, noised.pad_size, Nq))
+    assert torch.equal(mask, _brute_force_mask(noised.groups, noised.single_pad, Nq))
     assert mask[Nd:, :Nd].all()  # matching -> denoising blocked
     assert not mask[:, Nd:].any()  # everyone sees the matching queries
     assert not mask.diagonal().any()  # no query is blind to itself (softmax over nothing)
@@ -81,7 +81,7 @@ def test_groups_layout_and_indices() -> None:
         targets, dn_number=60, num_classes=K, label_noise_ratio=0.0, box_noise_scale=0.0, generator=g
     )
     # dn_number 60 >= 50: 60 // 3 = 20 groups of 2 x 3 queries
-    assert (noised.groups, noised.pad_size, noised.num_queries) == (20, 3, 120)
+    assert (noised.groups, noised.single_pad, noised.num_queries) == (20, 3, 120)
     assert noised.labels.shape == (3, 120) and noised.boxes_cxcywh.shape == (3, 120, 4)
     assert noised.positive.tolist() == ([True] * 3 + [False] * 3) * 20
     assert noised.valid[0].all() and not noised.valid[2].any()
@@ -113,12 +113,12 @@ def test_group_count() -> None:
 
 
 def test_indices_vs_loop() -> None:
-    indices = denoising_indices([2, 0, 3], groups=2, pad_size=3)
+    indices = denoising_indices([2, 0, 3], groups=2, single_pad=3)
     for (q, j), G in zip(indices, [2, 0, 3], strict=True):
         expected = [(g * 6 + t, t) for g in range(2) for t in range(G)]
         assert list(zip(q.tolist(), j.tolist(), strict=True)) == expected
-    with pytest.raises(ValueError, match="4 targets but pad_size is 3"):
-        denoising_indices([4], groups=1, pad_size=3)
+    with pytest.raises(ValueError, match="4 targets but single_pad is 3"):
+        denoising_indices([4], groups=1, single_pad=3)
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.4])
@@ -177,11 +177,11 @@ def test_denoiser_outputs() -> None:
     denoiser = ContrastiveDenoising(num_classes=K, embed_dim=8, dn_number=50)
     assert denoiser.label_embed.weight.shape == (K + 1, 8)  # official: dn_labelbook_size + 1 rows of width C
     dn = denoiser(_targets([2, 1]), num_queries=5)
-    # pad_size 2, groups 50 // 2 = 25, Nd = 2 * groups * pad_size = 100
+    # single_pad 2, groups 50 // 2 = 25, Nd = 2 * groups * single_pad = 100
     assert dn.content.shape == (2, 100, 8) and dn.boxes_cxcywh.shape == (2, 100, 4)
     assert dn.attn_mask.shape == (105, 105) and dn.attn_mask.dtype == torch.bool
     assert (dn.content[~dn.meta.valid] == 0).all()  # padded queries have no content
-    assert dn.meta.groups == 25 and dn.meta.pad_size == 2 and dn.meta.num_dn == 100
+    assert dn.meta.groups == 25 and dn.meta.single_pad == 2 and dn.meta.pad_size == 100
 
 
 def test_bad_inputs() -> None:
@@ -285,8 +285,8 @@ def test_dn_losses_vs_hand_written_focal_loss() -> None:
     dn_outputs = {"pred_logits": logits, "pred_boxes": boxes, "aux_outputs": []}
     meta = DenoisingMeta(
         groups=noised.groups,
-        pad_size=noised.pad_size,
-        num_dn=noised.num_queries,
+        single_pad=noised.single_pad,
+        pad_size=noised.num_queries,
         indices=noised.indices,
         valid=noised.valid,
         positive=noised.positive,
@@ -324,14 +324,14 @@ def test_viz_mask_categories_and_figures() -> None:
         plot_denoising_mask,
     )
 
-    mask = denoising_attn_mask(groups=2, pad_size=2, num_queries=3)
+    mask = denoising_attn_mask(groups=2, single_pad=2, num_queries=3)
     cat = mask_categories(mask, 8)
     assert (cat[8:, 8:] == MATCH_MATCH).all() and (cat[:8, 8:] == DN_MATCH).all()
     assert (cat[8:, :8] == BLOCKED).all() and (cat[:4, 4:8] == BLOCKED).all()
     assert (cat[:4, :4] == DN_OWN_GROUP).all() and (cat[4:8, 4:8] == DN_OWN_GROUP).all()
     with pytest.raises(ValueError, match="square bool"):
         mask_categories(mask.float(), 8)
-    plt.close(plot_denoising_mask(mask, groups=2, pad_size=2))
+    plt.close(plot_denoising_mask(mask, groups=2, single_pad=2))
 
 
 def test_viz_denoising_view_follows_the_group_rule() -> None:
@@ -359,7 +359,7 @@ def test_viz_denoising_view_follows_the_group_rule() -> None:
     assert positives_drawn(image_0) == 2 * 3 and positives_drawn(image_1) == 1 * 3
     assert len(mask_ax.get_xticks()) <= 9 + 1  # every k-th group named, plus "matching"
     plt.close(fig)
-    # dn_number >= 50: dn_number // pad_size groups
+    # dn_number >= 50: dn_number // single_pad groups
     fig = denoising_view(dn_number=50, digits_a=6, digits_b=2)
     assert "50 // 6 = 8\n" in fig.axes[2].get_title()
     assert positives_drawn(fig.axes[0]) == 6 * 2

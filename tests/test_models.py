@@ -255,8 +255,8 @@ def _fake_denoising(B: int, Nd: int, Nq: int, C: int, seed: int = 0) -> Denoisin
     empty = torch.empty(0, dtype=torch.int64)
     meta = DenoisingMeta(
         groups=1,
-        pad_size=Nd // 2,
-        num_dn=Nd,
+        single_pad=Nd // 2,
+        pad_size=Nd,
         indices=[(empty, empty)] * B,
         valid=torch.ones(B, Nd, dtype=torch.bool),
         positive=torch.arange(Nd) < Nd // 2,

@@ -40,12 +40,12 @@ _CATEGORY_NAMES = [
 _SLOT_COLOURS = {"positive": "#2ca02c", "negative": "#d62728", "padded": "#bbbbbb", "matching": "#1f77b4"}
 
 
-def mask_categories(attn_mask: Tensor, num_dn: int) -> Tensor:
+def mask_categories(attn_mask: Tensor, pad_size: int) -> Tensor:
     """Label every (query, key) pair of a denoising mask with its category (for colouring).
 
     Args:
         attn_mask: (Nd + Nq, Nd + Nq) bool, True = blocked, denoising queries first.
-        num_dn: Nd.
+        pad_size: Nd.
 
     Returns:
         int64 (Nd + Nq, Nd + Nq): 0 blocked, 1 matching -> matching, 2 denoising -> own group,
@@ -55,10 +55,10 @@ def mask_categories(attn_mask: Tensor, num_dn: int) -> Tensor:
         raise ValueError(
             f"attn_mask must be a square bool matrix, got {attn_mask.dtype} {tuple(attn_mask.shape)}"
         )
-    if not 0 <= num_dn <= attn_mask.shape[0]:
-        raise ValueError(f"num_dn must be in [0, {attn_mask.shape[0]}], got {num_dn}")
+    if not 0 <= pad_size <= attn_mask.shape[0]:
+        raise ValueError(f"pad_size must be in [0, {attn_mask.shape[0]}], got {pad_size}")
     N = attn_mask.shape[0]
-    is_dn = torch.arange(N) < num_dn  # (N,)
+    is_dn = torch.arange(N) < pad_size  # (N,)
     cat = torch.full((N, N), MATCH_MATCH, dtype=torch.int64)
     cat[is_dn[:, None] & is_dn[None, :]] = DN_OWN_GROUP
     cat[is_dn[:, None] & ~is_dn[None, :]] = DN_MATCH
@@ -66,13 +66,13 @@ def mask_categories(attn_mask: Tensor, num_dn: int) -> Tensor:
     return cat
 
 
-def _slot_kinds(noised: NoisedTargets | None, num_dn: int, num_queries: int, image: int) -> list[str]:
+def _slot_kinds(noised: NoisedTargets | None, pad_size: int, num_queries: int, image: int) -> list[str]:
     kinds = []
-    for s in range(num_dn):
+    for s in range(pad_size):
         if noised is not None and not bool(noised.valid[image, s]):
             kinds.append("padded")
         else:
-            pad = noised.pad_size if noised is not None else 1
+            pad = noised.single_pad if noised is not None else 1
             kinds.append("positive" if (s % (2 * pad)) < pad else "negative")
     return kinds + ["matching"] * num_queries
 
@@ -82,7 +82,7 @@ def draw_denoising_mask(
     attn_mask: Tensor,
     *,
     groups: int,
-    pad_size: int,
+    single_pad: int,
     noised: NoisedTargets | None = None,
     image: int = 0,
     annotate: bool = True,
@@ -96,13 +96,13 @@ def draw_denoising_mask(
     Args:
         ax: where to draw.
         attn_mask: (Nd + Nq, Nd + Nq) bool, True = blocked.
-        groups, pad_size: the denoising layout.
+        groups, single_pad: the denoising layout.
         noised: the batch's :class:`NoisedTargets` (to mark padded slots), or None.
         image: which image's padding to mark.
         annotate: write the block names on the blocks.
         legend: add the colour legend.
     """
-    Nd = 2 * groups * pad_size
+    Nd = 2 * groups * single_pad
     N = attn_mask.shape[0]
     Nq = N - Nd
     cat = mask_categories(attn_mask, Nd).numpy()
@@ -116,17 +116,20 @@ def draw_denoising_mask(
         ax.add_patch(Rectangle((-0.5 - strip, i - 0.5), strip, 1, color=colour, clip_on=False, lw=0))
     # group boundaries (thick) and positive/negative boundaries (thin)
     for g in range(groups + 1):
-        edge = g * 2 * pad_size - 0.5
+        edge = g * 2 * single_pad - 0.5
         ax.axhline(edge, color="white", lw=1.6)
         ax.axvline(edge, color="white", lw=1.6)
     for g in range(groups):
-        mid = g * 2 * pad_size + pad_size - 0.5
+        mid = g * 2 * single_pad + single_pad - 0.5
         ax.axhline(mid, color="white", lw=0.5, ls=":", xmax=1)
         ax.axvline(mid, color="white", lw=0.5, ls=":")
     # ticks: one per part
     ticks, names = [], []
     for g in range(groups):
-        ticks += [g * 2 * pad_size + (pad_size - 1) / 2, g * 2 * pad_size + pad_size + (pad_size - 1) / 2]
+        ticks += [
+            g * 2 * single_pad + (single_pad - 1) / 2,
+            g * 2 * single_pad + single_pad + (single_pad - 1) / 2,
+        ]
         names += [f"g{g}+", f"g{g}-"]
     if Nq:
         ticks.append(Nd + (Nq - 1) / 2)
@@ -168,11 +171,11 @@ def draw_denoising_mask(
                 va="center",
                 fontsize=fs,
             )
-        if groups >= 1 and pad_size:
-            s = 2 * pad_size
+        if groups >= 1 and single_pad:
+            s = 2 * single_pad
             ax.text(s / 2 - 0.5, s / 2 - 0.5, "own\ngroup", ha="center", va="center", fontsize=fs)
         if groups >= 2:
-            s = 2 * pad_size
+            s = 2 * single_pad
             ax.text(
                 1.5 * s - 0.5,
                 s / 2 - 0.5,
@@ -195,18 +198,18 @@ def plot_denoising_mask(
     attn_mask: Tensor,
     *,
     groups: int,
-    pad_size: int,
+    single_pad: int,
     noised: NoisedTargets | None = None,
     image: int = 0,
     title: str = "",
 ) -> Figure:
     """The decoder self-attention mask of one batch, blocks labelled (see :func:`draw_denoising_mask`)."""
     fig, ax = plt.subplots(figsize=(7.6, 5.6))
-    draw_denoising_mask(ax, attn_mask, groups=groups, pad_size=pad_size, noised=noised, image=image)
-    Nd = 2 * groups * pad_size
+    draw_denoising_mask(ax, attn_mask, groups=groups, single_pad=single_pad, noised=noised, image=image)
+    Nd = 2 * groups * single_pad
     ax.set_title(
         title
-        or f"Self-attention mask: {groups} groups x (pos + neg) x pad {pad_size} = {Nd} dn queries, "
+        or f"Self-attention mask: {groups} groups x (pos + neg) x pad {single_pad} = {Nd} dn queries, "
         f"{attn_mask.shape[0] - Nd} matching",
         fontsize=9,
     )
@@ -235,7 +238,7 @@ def draw_noised_queries(
     """
     draw_scene(ax, image, target)
     H, W = image.shape[1:]
-    pad = noised.pad_size
+    pad = noised.single_pad
     chosen = range(noised.groups) if groups is None else groups
     for g in chosen:
         for s in range(2 * pad):
@@ -278,7 +281,7 @@ def plot_noised_queries(
     for b, (ax, (image, target)) in enumerate(zip(axes[0], scenes, strict=True)):
         draw_noised_queries(ax, image, target, noised, index=b, groups=groups)
         G = len(target["labels"])
-        ax.set_title(f"image {b}: {G} targets, {noised.pad_size - G} padded slots per part", fontsize=8)
+        ax.set_title(f"image {b}: {G} targets, {noised.single_pad - G} padded slots per part", fontsize=8)
     handles = [
         Patch(fill=False, ec="black", label="ground truth (white)"),
         Patch(fill=False, ec=_SLOT_COLOURS["positive"], label="positive (noise < 1x)"),
@@ -306,7 +309,7 @@ def denoising_view(
     marked), for the given denoising settings.
 
     The group count follows DINO's rule (:func:`detr_edu.denoising.denoising_groups`): from
-    ``dn_number = 50`` on it is ``dn_number // pad_size``, below it ``2 * dn_number`` whatever the
+    ``dn_number = 50`` on it is ``dn_number // single_pad``, below it ``2 * dn_number`` whatever the
     targets, so it can reach 98 groups; drawing every group's boxes would hide the scene, and with
     more than 8 groups the mask's lines and ticks mark every k-th group only.
     """
@@ -332,8 +335,8 @@ def denoising_view(
         box_noise_scale=box_noise_scale,
         generator=torch.Generator().manual_seed(seed),
     )
-    groups, pad = noised.groups, noised.pad_size
-    mask = denoising_attn_mask(groups=groups, pad_size=pad, num_queries=num_queries)
+    groups, pad = noised.groups, noised.single_pad
+    mask = denoising_attn_mask(groups=groups, single_pad=pad, num_queries=num_queries)
     shown = list(range(min(groups_drawn, groups)))
     fig = plt.figure(figsize=(12, 4.4))
     grid = fig.add_gridspec(1, 3, width_ratios=[1, 1, 1.5])
@@ -344,7 +347,7 @@ def denoising_view(
         ax.set_title(f"image {b}: {len(targets[b]['labels'])} targets ({drawn} drawn)", fontsize=9)
     ax = fig.add_subplot(grid[0, 2])
     draw_denoising_mask(
-        ax, mask, groups=groups, pad_size=pad, noised=noised, image=1, annotate=groups <= 4, legend=False
+        ax, mask, groups=groups, single_pad=pad, noised=noised, image=1, annotate=groups <= 4, legend=False
     )
     if groups > 8:  # a line and a tick per part would cover the mask: mark every k-th group only
         step = -(-groups // 8)
