@@ -229,7 +229,8 @@ def plot_mixed_query_selection(
         image: (3, H, W) in [0, 1]; size: valid (h, w).
         anchors_cxcywh: (Nq, 4) detached top-K proposals (the *position* part).
         content: (Nq, C) the learnable content queries (``tgt_embed``).
-        query_pos: (Nq, C) query positions computed from the anchors (sine + MLP).
+        query_pos: (Nq, C) query positions computed from the anchors (sine + MLP); drawn minus their
+            mean over the queries (each channel's untrained offset would otherwise show as stripes).
     """
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1.2, 1, 1]})
     _show_image(axes[0], image, size)
@@ -237,7 +238,12 @@ def plot_mixed_query_selection(
         _draw_box(axes[0], box, size, ec="yellow", lw=0.8)
     axes[0].set_title("anchors = top-K proposals\n(from the encoder, detached)", fontsize=9)
     for ax, mat, name, cmap in (
-        (axes[1], query_pos, "query_pos = MLP(sine(anchor))\nrecomputed every layer", "coolwarm"),
+        (
+            axes[1],
+            query_pos - query_pos.mean(0, keepdim=True),
+            "query_pos = MLP(sine(anchor)), recomputed\nevery layer; minus its mean over queries",
+            "coolwarm",
+        ),
         (axes[2], content, "content = tgt_embed.weight\n(learnable, same for every image)", "PiYG"),
     ):
         m = mat.detach().cpu()
