@@ -186,6 +186,11 @@ def _course_run(preset: str, output_dir: Path, *, kernel: str):
     from detr_edu.train import build_run
     from detr_edu.train_options import parse_args
 
+    if not (DATA / "annotations" / "instances_train2017.json").exists():
+        raise SystemExit(
+            f"no digit scenes at {DATA}: make them with "
+            "`python -m detr_edu.coco_export --out runs/digits --train 4000 --val 500 --seed 0`"
+        )
     args = parse_args(
         ["--preset", preset, "--coco-path", str(DATA), "--output-dir", str(output_dir)]
         + ["--device", "cpu", "--amp", "off", "--no-verify-images", "--no-progress"]
@@ -477,14 +482,24 @@ def main() -> None:
         "load_at_start": os.getloadavg(),
         "date": time.strftime("%Y-%m-%d"),
     }
+
+    def measured(section: str) -> None:  # each section says when it was measured (runs may differ)
+        saved.setdefault("measured", {})[section] = {
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "load": os.getloadavg(),
+        }
+
     if "core" in args.only:
+        measured("core")
         saved["core"] = bench_core(args.repeats)
     if "matcher" in args.only:
         import bench_matcher
 
+        measured("matcher")
         saved["matcher"] = bench_matcher.run(repeats=5, threads=1)
         saved["matcher_md"] = bench_matcher.markdown(saved["matcher"])
     if "train" in args.only:
+        measured("train")
         saved["train"] = bench_training(args.minutes, args.step_times)
     saved["machine"]["load_at_end"] = os.getloadavg()
     json_path.write_text(json.dumps(saved, indent=1, default=str))
@@ -497,15 +512,28 @@ def write_markdown(saved: dict) -> None:
         "# The course against transformers",
         "",
         f"torch {m['torch']}, transformers {m['transformers']}, {m['cpus']} CPU cores, one thread per side; "
+        "last run: "
         f"load average at start {', '.join(f'{x:.2f}' for x in m['load_at_start'])}, at end "
         f"{', '.join(f'{x:.2f}' for x in m['load_at_end'])} ({m['date']}). Written by "
         "`.venv/bin/python benchmarks/bench_vs_transformers.py`. Ratios > 1: the course is faster.",
     ]
+    when = saved.get("measured", {})
+
+    def provenance(section: str) -> list[str]:
+        if section not in when:
+            return []
+        w = when[section]
+        return [
+            f"Measured {w['date']} (load average at its start {', '.join(f'{x:.2f}' for x in w['load'])}).",
+            "",
+        ]
+
     if "core" in saved:
         parts += [
             "",
             "## Sampling core, forward + backward",
             "",
+            *provenance("core"),
             "Medians of calls interleaved between the three sides; peak memory of one call in a fresh "
             "process per side. `course auto` is the default eager kernel (`grid_sample` per level, or "
             "`embedding_bag` over precomputed bilinear corners when the map is large and the queries few); "
@@ -514,9 +542,15 @@ def write_markdown(saved: dict) -> None:
             core_markdown(saved["core"]),
         ]
     if "matcher_md" in saved:
-        parts += ["", "## Matcher", "", saved["matcher_md"]]
+        parts += ["", "## Matcher", "", *provenance("matcher"), saved["matcher_md"]]
     if "train" in saved:
-        parts += ["", "## Training, `deformable_detr_cpu`", "", training_markdown(saved["train"])]
+        parts += [
+            "",
+            "## Training, `deformable_detr_cpu`",
+            "",
+            *provenance("train"),
+            training_markdown(saved["train"]),
+        ]
     (RESULTS / "vs_transformers.md").write_text("\n".join(parts) + "\n")
     print((RESULTS / "vs_transformers.md").read_text())
 

@@ -48,6 +48,11 @@ def main() -> None:
     from detr_edu.train_options import parse_args
 
     torch.set_num_threads(1)
+    if not (HERE / "runs" / "digits" / "annotations" / "instances_train2017.json").exists():
+        raise SystemExit(
+            f"no digit scenes at {HERE / 'runs' / 'digits'}: make them with "
+            "`python -m detr_edu.coco_export --out runs/digits --train 4000 --val 500 --seed 0`"
+        )
     argv = ["--preset", args.preset, "--coco-path", str(HERE / "runs" / "digits"), "--device", "cpu"]
     argv += ["--output-dir", "/tmp/step_profile", "--no-verify-images", "--amp", "off"]
     try:

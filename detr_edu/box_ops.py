@@ -88,7 +88,7 @@ def batched_generalized_box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor, *, val
             (four host syncs). The matcher validates its inputs once at its entry and passes False.
 
     Returns:
-        (B, N, M) GIoU in [-1, 1].
+        (B, N, M) GIoU in [-1, 1]; no gradient (refused for inputs that require one).
     """
     if boxes1_xyxy.dim() != 3 or boxes2_xyxy.dim() != 3 or boxes1_xyxy.shape[0] != boxes2_xyxy.shape[0]:
         raise ValueError(
@@ -97,6 +97,11 @@ def batched_generalized_box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor, *, val
         )
     _check_last_dim(boxes1_xyxy, "boxes1_xyxy")
     _check_last_dim(boxes2_xyxy, "boxes2_xyxy")
+    if torch.is_grad_enabled() and (boxes1_xyxy.requires_grad or boxes2_xyxy.requires_grad):
+        raise ValueError(
+            "batched_generalized_box_iou writes into preallocated buffers and has no gradient (it is the "
+            "matcher's cost); for a loss use generalized_box_iou, or call it under torch.no_grad()"
+        )
     if validate:
         check_boxes_xyxy(boxes1_xyxy, "boxes1_xyxy")
         check_boxes_xyxy(boxes2_xyxy, "boxes2_xyxy")

@@ -388,6 +388,8 @@ class MultiScaleDeformableAttention(nn.Module):
         weights_from: "query" (the paper: a linear layer of the query) or "content" (see above).
         sampling_kernel: which exact kernel samples (:func:`deformable_sampling`'s ``kernel``; change it
             on a built model with :func:`set_sampling_kernel`). Not a weight: checkpoints ignore it.
+            ``weights_from="content"`` keeps every sample (:func:`deformable_samples`, ``grid_sample``)
+            and does not use it.
     """
 
     def __init__(

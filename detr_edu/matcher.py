@@ -355,7 +355,7 @@ class HungarianMatcher(nn.Module):
                 per_class = logits.softmax(-1).neg_()  # (B, Nq, K)
             cost = per_class.gather(2, labels[:, None, :].expand(B, Nq, G_max))  # (B, Nq, G_max)
             giou = batched_generalized_box_iou(
-                _cxcywh_to_xyxy(boxes), _cxcywh_to_xyxy(tgt_boxes), validate=False
+                box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes), validate=False
             )  # (B, Nq, G_max); the inputs were checked once, at the entry
             # cost_matrix's sum, (class + bbox) + giou term, computed in place: the same numbers.
             cost.mul_(self.cost_class).add_(torch.cdist(boxes, tgt_boxes, p=1).mul_(self.cost_bbox))
@@ -394,9 +394,3 @@ class HungarianMatcher(nn.Module):
             query_idx, target_idx = linear_sum_assignment(cost[b, :, :num_targets])  # image b's block
             indices.append((torch.from_numpy(query_idx).long(), torch.from_numpy(target_idx).long()))
         return indices
-
-
-def _cxcywh_to_xyxy(boxes_cxcywh: Tensor) -> Tensor:
-    """(..., 4) cxcywh -> xyxy without checks: ``torchvision.ops.box_convert``'s arithmetic, bit for bit."""
-    centre, half = boxes_cxcywh[..., :2], 0.5 * boxes_cxcywh[..., 2:]  # (..., 2) each
-    return torch.cat([centre - half, centre + half], -1)  # (..., 4)

@@ -49,7 +49,6 @@ __all__ = [
     "sampling_gather",
     "sampling_bag",
     "sampling_compiled",
-    "compiled_available",
     "run_compiled",
 ]
 
@@ -138,11 +137,6 @@ def sampling_bag(
 
 _compiled: dict[str, Callable] = {}  # torch.compile'd functions, made on first use, by name
 _compile_failed = False
-
-
-def compiled_available() -> bool:
-    """False once compilation has failed in this process (callers then fall back to eager kernels)."""
-    return not _compile_failed
 
 
 def run_compiled(name: str, fn: Callable, *args: Tensor) -> object | None:

@@ -78,3 +78,8 @@ def test_batched_giou_refuses_bad_shapes_and_boxes():
     assert torch.isnan(
         batched_generalized_box_iou(torch.full((1, 1, 4), float("nan")), good, validate=False)
     ).all()
+    # no gradient: inputs that need one get a clear message, not autograd's out= error
+    with pytest.raises(ValueError, match="has no gradient"):
+        batched_generalized_box_iou(good.clone().requires_grad_(), good)
+    with torch.no_grad():
+        assert batched_generalized_box_iou(good.clone().requires_grad_(), good).item() == 1.0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_deformable import _inputs  # random value, locations (partly outside the maps), weights
 
 from detr_edu.deformable import (
     SAMPLING_KERNELS,
@@ -18,17 +19,6 @@ from detr_edu.deformable import (
 from detr_edu.sampling_kernels import corner_rows_and_weights
 
 EAGER = ("grid", "bag", "gather")
-SHAPES = torch.tensor([[3, 5], [4, 2], [2, 3], [1, 1]])
-
-
-def _inputs(B=2, Nq=3, nh=2, hd=3, P=2, shapes=SHAPES, seed=0, dtype=torch.float64, margin=0.4):
-    g = torch.Generator().manual_seed(seed)
-    L = shapes.shape[0]
-    Nv = int((shapes[:, 0] * shapes[:, 1]).sum())
-    value = torch.randn(B, Nv, nh, hd, generator=g, dtype=dtype)
-    locations = torch.rand(B, Nq, nh, L, P, 2, generator=g, dtype=dtype) * (1 + 2 * margin) - margin
-    weights = torch.rand(B, Nq, nh, L, P, generator=g, dtype=dtype)
-    return value, shapes, locations, weights
 
 
 def _grads(fn, value, shapes, locations, weights):
