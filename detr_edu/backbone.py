@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detr_edu.checkpoint import read_torch_file
-from detr_edu.config import BackboneConfig
+from detr_edu.config import BackboneConfig, check_transformer_levels
 from detr_edu.masks import valid_sizes
 from detr_edu.position import resize_mask
 
@@ -352,6 +352,9 @@ class Backbone(nn.Module):
         padding_invariant: exact level masks and the masked neck (the course's option, see the
             module docstring); False (default): the published models' nearest-resized masks and
             plain neck.
+        transformer_levels: indices (0 = finest) of the pyramid levels handed on; ``None`` (default,
+            the published models): all. The ResNet and neck compute every level either way, so
+            ``(0,)`` is the same backbone with one level reaching the transformer (chapter 08, Q3).
     """
 
     def __init__(
@@ -368,6 +371,7 @@ class Backbone(nn.Module):
         num_extra_levels: int = 1,
         num_groups: int = 32,
         padding_invariant: bool = False,
+        transformer_levels: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.padding_invariant = padding_invariant
@@ -386,9 +390,16 @@ class Backbone(nn.Module):
             num_extra_levels=num_extra_levels,
             num_groups=num_groups,
         )
-        self.strides = self.body.strides + [
+        pyramid_strides = self.body.strides + [
             self.body.strides[-1] * 2**i for i in range(1, num_extra_levels + 1)
         ]
+        self.pyramid_strides = pyramid_strides
+        if transformer_levels is None:
+            transformer_levels = range(len(pyramid_strides))
+        self.transformer_levels = check_transformer_levels(
+            transformer_levels, pyramid_levels=len(pyramid_strides)
+        )
+        self.strides = [pyramid_strides[i] for i in self.transformer_levels]
         self.num_levels = len(self.strides)
 
     @classmethod
@@ -407,6 +418,7 @@ class Backbone(nn.Module):
             embed_dim=embed_dim,
             num_extra_levels=cfg.num_extra_levels,
             num_groups=cfg.num_groups,
+            transformer_levels=cfg.transformer_levels,
         )
 
     def forward(self, images: Tensor, masks: Tensor | None = None) -> FeatureMaps:
@@ -419,12 +431,14 @@ class Backbone(nn.Module):
             masks = images.new_zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool)  # (B, H, W)
         feats = self.body(images)  # L_backbone x (B, C_l, H_l, W_l)
         shapes = [tuple(f.shape[-2:]) for f in feats]
-        for _ in range(len(self.strides) - len(feats)):
+        for _ in range(len(self.pyramid_strides) - len(feats)):
             h, w = shapes[-1]
             shapes.append(((h + 1) // 2, (w + 1) // 2))  # a 3x3 stride-2 pad-1 conv halves with ceil
         if self.padding_invariant:
-            lvl_masks = level_masks(masks, shapes, self.strides)  # L x (B, H_l, W_l) exact
+            lvl_masks = level_masks(masks, shapes, self.pyramid_strides)  # L_all x (B, H_l, W_l) exact
         else:
-            lvl_masks = [resize_mask(masks, shape) for shape in shapes]  # L x (B, H_l, W_l) nearest
-        features = self.neck(feats, lvl_masks, masked=self.padding_invariant)  # L x (B, C, H_l, W_l)
-        return FeatureMaps(features=features, masks=lvl_masks)
+            lvl_masks = [resize_mask(masks, shape) for shape in shapes]  # L_all x (B, H_l, W_l) nearest
+        features = self.neck(feats, lvl_masks, masked=self.padding_invariant)  # L_all x (B, C, H_l, W_l)
+        # the course's Q3 option: hand only some levels on (all of them by default)
+        keep = self.transformer_levels
+        return FeatureMaps(features=[features[i] for i in keep], masks=[lvl_masks[i] for i in keep])

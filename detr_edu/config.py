@@ -27,11 +27,13 @@ model imports its config from here, and :mod:`detr_edu.build` turns a config int
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 __all__ = [
     "BackboneConfig",
+    "check_transformer_levels",
     "DETRConfig",
     "DeformableDETRConfig",
     "DINOConfig",
@@ -41,6 +43,17 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
 ]
+
+
+def check_transformer_levels(chosen: Sequence[int], *, pyramid_levels: int) -> tuple[int, ...]:
+    """``chosen`` as a tuple, or a ValueError unless it is increasing indices in 0..pyramid_levels-1."""
+    chosen = tuple(int(i) for i in chosen)
+    if not chosen or list(chosen) != sorted(set(chosen)) or chosen[0] < 0 or chosen[-1] >= pyramid_levels:
+        raise ValueError(
+            f"transformer_levels must be increasing indices into the {pyramid_levels} pyramid levels "
+            f"(0..{pyramid_levels - 1}), got {chosen}"
+        )
+    return chosen
 
 
 @dataclass
@@ -54,6 +67,12 @@ class BackboneConfig:
     to measure speed); *training* one from random weights is refused by the training command
     unless asked for (``--backbone-from-scratch``): frozen random statistics never normalise, and
     with ``zero_init_residual`` every residual branch stays dead (chapter 04 shows it).
+
+    ``transformer_levels`` is the course's option for the note's Q3 (chapter 08): the indices, in
+    the pyramid of ``levels`` + extra levels (0 = the finest), of the levels handed to the
+    transformer. ``None`` (default, as every published model) hands over all of them. With
+    ``(0,)`` the ResNet and neck are unchanged and only the stride-8 map reaches the encoder, so a
+    one-level model keeps the same backbone as the multi-scale one.
     """
 
     depth: int = 50
@@ -65,9 +84,14 @@ class BackboneConfig:
     num_extra_levels: int = 1
     num_groups: int = 32
     freeze_at: int = 0
+    transformer_levels: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         self.levels = tuple(self.levels)
+        if self.transformer_levels is not None:
+            self.transformer_levels = check_transformer_levels(
+                self.transformer_levels, pyramid_levels=len(self.levels) + self.num_extra_levels
+            )
         if not 0 <= self.freeze_at <= 4:
             raise ValueError(
                 f"freeze_at must be in 0..4 (0: train everything, 1: freeze the stem and stage 1, ...), "
@@ -76,6 +100,9 @@ class BackboneConfig:
 
     @property
     def num_levels(self) -> int:
+        """How many levels the transformer sees."""
+        if self.transformer_levels is not None:
+            return len(self.transformer_levels)
         return len(self.levels) + self.num_extra_levels
 
 

@@ -115,6 +115,7 @@ def build_criterion(mcfg: ModelConfig, tcfg: TrainConfig) -> SetCriterion:
         class_loss=tcfg.class_loss,
         eos_coef=tcfg.eos_coef,
         aux_loss=tcfg.aux_loss,
+        dn_padding_in_loss=tcfg.dn_padding_in_loss,
         # official two-stage Deformable DETR trains its encoder head class-agnostic (every token)
         binary_enc_cls=isinstance(mcfg, DeformableDETRConfig) and mcfg.two_stage,
     )

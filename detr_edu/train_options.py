@@ -90,6 +90,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "weights_from=content backbone.levels=[2] dn_number=0 (see detr_edu.config)",
     )
     p.add_argument("--no-aux-loss", action="store_true", help="losses on the last decoder layer only")
+    p.add_argument(
+        "--no-dn-padding-in-loss",
+        action="store_true",
+        help="leave DINO's padded denoising queries out of the loss (official: 'no object' targets)",
+    )
     p.add_argument("--num-train", type=int, help="use only the first N training images")
     p.add_argument("--num-val", type=int, help="evaluate on the first N validation images")
     p.add_argument("--num-workers", type=int)
@@ -131,6 +136,7 @@ def training_config(args: argparse.Namespace) -> TrainConfig:
         "eval_every_epochs": args.eval_every_epochs,
         "eval_every_minutes": args.eval_every_minutes,
         "aux_loss": False if args.no_aux_loss else None,
+        "dn_padding_in_loss": False if args.no_dn_padding_in_loss else None,
     }
     if args.image_size is not None:
         overrides.update(train_sizes=(args.image_size,), eval_size=args.image_size, max_size=None)
@@ -256,8 +262,15 @@ def check_resume_matches(
             "the model options it was trained with (--num-queries, --backbone-norm, --model-set), or "
             "train anew in another --output-dir"
         )
+    # a field added after the checkpoint was written counts as its default (what that run used)
+    saved_train = {
+        f.name: f.default
+        for f in dataclasses.fields(TrainConfig)
+        if f.default is not dataclasses.MISSING and f.name not in saved.get("train", {})
+    }
+    saved_train.update(saved.get("train", {}))
     train_diff = _differences(
-        {k: v for k, v in _plain(saved.get("train", {})).items() if k not in RESUME_MAY_CHANGE},
+        {k: v for k, v in _plain(saved_train).items() if k not in RESUME_MAY_CHANGE},
         {k: v for k, v in _plain(dataclasses.asdict(tcfg)).items() if k not in RESUME_MAY_CHANGE},
     )
     if train_diff:

@@ -67,6 +67,9 @@ class TrainConfig:
         eval_every_epochs: evaluate every this many epochs (epoch mode).
         eval_every_minutes: evaluate every this many minutes of training (budget mode).
         aux_loss: losses on every decoder layer (True) or on the last one only.
+        dn_padding_in_loss: DINO's padded denoising queries count as "no object" in the denoising
+            class loss (True: the official code) or are left out of every loss (False: the note's
+            Q5, measured in chapter 07).
         lr_linear_proj_mult: the learning rate of deformable attention's ``sampling_offsets`` and
             of the one-stage ``reference_points`` is ``lr * lr_linear_proj_mult`` (official
             Deformable DETR and DINO: 0.1; 1.0 = no separate group).
@@ -101,6 +104,7 @@ class TrainConfig:
     eval_every_epochs: int = 1
     eval_every_minutes: float = 0.0
     aux_loss: bool = True
+    dn_padding_in_loss: bool = True
     lr_linear_proj_mult: float = 1.0
     crop: bool = False
     published_world_size: int = 1

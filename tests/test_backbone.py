@@ -229,3 +229,48 @@ def test_config_checks_freeze_at() -> None:
     # tests/test_gpu_recipes.py)
     with pytest.raises(ValueError, match="freeze_at must be in 0..4"):
         BackboneConfig(freeze_at=5)
+
+
+@pytest.mark.parametrize("padding_invariant", [False, True])
+def test_transformer_levels_hand_on_the_same_maps(padding_invariant: bool) -> None:
+    """Q3's option: the same ResNet and neck; only the chosen pyramid levels (and their masks and
+    strides) reach the transformer, bit for bit what the full backbone computes for them."""
+    full = Backbone(depth=10, levels=(2, 3, 4), embed_dim=32, padding_invariant=padding_invariant).eval()
+    some = Backbone(
+        depth=10,
+        levels=(2, 3, 4),
+        embed_dim=32,
+        padding_invariant=padding_invariant,
+        transformer_levels=(0, 3),
+    ).eval()
+    some.load_state_dict(full.state_dict())  # the same parameters: nothing is removed
+    assert some.num_levels == 2 and some.strides == [8, 64] and some.pyramid_strides == full.strides
+    images = torch.randn(2, 3, 64, 80, generator=_gen())
+    masks = torch.zeros(2, 64, 80, dtype=torch.bool)
+    masks[1, :, 45:] = True
+    with torch.no_grad():
+        a, b = full(images, masks), some(images, masks)
+    for i, j in ((0, 0), (3, 1)):
+        assert torch.equal(a.features[i], b.features[j])
+        assert torch.equal(a.masks[i], b.masks[j])
+    assert len(b.features) == len(b.masks) == 2
+
+
+def test_transformer_levels_config_and_model() -> None:
+    from detr_edu.build import build_model
+    from detr_edu.config import get_preset
+
+    for bad in [(), (1, 0), (0, 0), (-1,), (4,)]:
+        with pytest.raises(ValueError, match="transformer_levels must be increasing indices into the 4"):
+            BackboneConfig(levels=(2, 3, 4), num_extra_levels=1, transformer_levels=bad)
+    cfg = get_preset("dino_cpu")
+    cfg.backbone = BackboneConfig(**{**cfg.backbone.__dict__, "transformer_levels": [0]})
+    cfg.num_points = 16
+    assert cfg.backbone.transformer_levels == (0,) and cfg.backbone.num_levels == 1
+    model = build_model(cfg).eval()
+    # one level of 16 points per head: the offsets layer predicts nh * 1 * 16 * 2 numbers
+    offsets = [m for n, m in model.named_modules() if n.endswith("sampling_offsets")]
+    assert offsets and all(m.out_features == cfg.num_heads * 1 * 16 * 2 for m in offsets)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 64, generator=_gen()))
+    assert out["pred_boxes"].shape == (1, cfg.num_queries, 4)
