@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["read_log", "series", "final_metrics", "RECORD_TYPES"]
+__all__ = ["read_log", "series", "final_metrics", "compare_seeds", "SeedComparison", "RECORD_TYPES"]
 
 RECORD_TYPES = ("config", "resume", "train", "epoch", "eval", "error", "end")
 
@@ -72,3 +74,48 @@ def final_metrics(records: Sequence[dict]) -> dict[str, float]:
         "elapsed_s": elapsed,
         "s_per_step": elapsed / steps if steps else math.nan,
     }
+
+
+@dataclass(frozen=True)
+class SeedComparison:
+    """A variant's final metric over seeds, against a baseline's (chapters 07 and 08).
+
+    Attributes:
+        values, baseline: the final metric of each seed's run.
+        mean, std: mean and sample standard deviation (n - 1) of ``values``.
+        baseline_mean, baseline_std: the same of ``baseline``.
+        difference: ``mean - baseline_mean``.
+        standard_error: of that difference, ``sqrt(std^2 / n + baseline_std^2 / n_baseline)``
+            (Welch's; the seeds of the two variants are independent runs).
+    """
+
+    values: tuple[float, ...]
+    baseline: tuple[float, ...]
+    mean: float
+    std: float
+    baseline_mean: float
+    baseline_std: float
+    difference: float
+    standard_error: float
+
+
+def compare_seeds(values: Sequence[float], baseline: Sequence[float]) -> SeedComparison:
+    """Mean ± sample std of ``values`` and ``baseline`` and their difference ± its standard error.
+
+    Raises:
+        ValueError: fewer than two values on either side (no spread can be measured from one run).
+    """
+    if len(values) < 2 or len(baseline) < 2:
+        raise ValueError(f"need at least two seeds per side, got {len(values)} and {len(baseline)}")
+    mean, std = statistics.fmean(values), statistics.stdev(values)
+    b_mean, b_std = statistics.fmean(baseline), statistics.stdev(baseline)
+    return SeedComparison(
+        values=tuple(values),
+        baseline=tuple(baseline),
+        mean=mean,
+        std=std,
+        baseline_mean=b_mean,
+        baseline_std=b_std,
+        difference=mean - b_mean,
+        standard_error=math.sqrt(std**2 / len(values) + b_std**2 / len(baseline)),
+    )

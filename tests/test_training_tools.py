@@ -7,6 +7,7 @@ aux losses on (whose last-layer terms must be unchanged when they are switched o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -24,10 +25,16 @@ from detr_edu.config import get_preset  # noqa: E402
 from detr_edu.criterion import SetCriterion  # noqa: E402
 from detr_edu.engine import WarmupStepSchedule  # noqa: E402
 from detr_edu.export import FORMAT, export_weights, load_weights  # noqa: E402
-from detr_edu.logs import final_metrics, read_log, series  # noqa: E402
+from detr_edu.logs import compare_seeds, final_metrics, read_log, series  # noqa: E402
 from detr_edu.matcher import HungarianMatcher  # noqa: E402
 from detr_edu.postprocess import postprocess  # noqa: E402
-from detr_edu.viz.training import plot_lr_schedule, plot_predictions, plot_runs, plot_training  # noqa: E402
+from detr_edu.viz.training import (  # noqa: E402
+    plot_lr_schedule,
+    plot_predictions,
+    plot_runs,
+    plot_seeded_runs,
+    plot_training,
+)
 
 RECORDS = [
     {"type": "config", "model": {}, "train": {}},
@@ -92,6 +99,13 @@ def test_plots_return_figures_with_the_logged_data() -> None:
     assert list(fig.axes[0].lines[0].get_xdata()) == [20, 40]
     with pytest.raises(ValueError, match="minutes"):
         plot_runs({"a": RECORDS}, x="epoch")
+    fig = plot_seeded_runs({"a": [RECORDS, RECORDS[:4]], "b": [RECORDS]})
+    ax_curve, ax_final = fig.axes
+    assert [list(line.get_ydata()) for line in ax_curve.lines] == [[5.0, 7.5], [5.0], [5.0, 7.5]]
+    assert [list(line.get_xdata()) for line in ax_curve.lines][0] == [20, 40]  # against steps
+    dots = [list(line.get_ydata()) for line in ax_final.lines if line.get_marker() == "o"]
+    assert dots == [[7.5, 5.0], [7.5]]  # each seed's final AP
+    assert len(ax_final.containers) == 1  # mean ± std only where there are two seeds or more
     images = [torch.rand(3, 32, 32), torch.rand(3, 32, 32)]
     dets = [
         {
@@ -243,3 +257,45 @@ def test_aux_loss_off_keeps_only_the_last_layer_terms() -> None:
     }
     for key, value in without.items():
         torch.testing.assert_close(value, with_aux[key])
+
+
+def test_dn_padding_flag_reaches_the_criterion_and_old_checkpoints_still_resume() -> None:
+    """``--no-dn-padding-in-loss`` (Q5) sets the criterion's flag; a checkpoint written before the
+    field existed counts as the official default (True), so it resumes without it and refuses it."""
+    from detr_edu.train_options import check_resume_matches
+
+    base = ["--preset", "dino_cpu", "--output-dir", "x"]
+    on = train.training_config(train.parse_args(base))
+    off_args = train.parse_args([*base, "--no-dn-padding-in-loss"])
+    off = train.training_config(off_args)
+    assert on.dn_padding_in_loss is True and off.dn_padding_in_loss is False
+    assert train.build_criterion(train.model_config(off_args, off, 10), off).dn_padding_in_loss is False
+    assert train.build_criterion(train.model_config(off_args, on, 10), on).dn_padding_in_loss is True
+    args = train.parse_args(base)
+    saved_train = dataclasses.asdict(on)
+    del saved_train["dn_padding_in_loss"]  # as written by the course before the option
+    mcfg = train.model_config(args, on, 10)
+    checkpoint = {
+        "config": {
+            "args": {"preset": "dino_cpu"},
+            "model": {"model": type(mcfg).__name__, **dataclasses.asdict(mcfg)},
+            "train": saved_train,
+        }
+    }
+    check_resume_matches(args, on, checkpoint, "ckpt.pth", num_classes=10)  # no error
+    with pytest.raises(ValueError, match="dn_padding_in_loss true vs false"):
+        check_resume_matches(off_args, off, checkpoint, "ckpt.pth", num_classes=10)
+
+
+def test_compare_seeds_is_welch_mean_std_and_standard_error() -> None:
+    import numpy as np
+
+    a, b = [80.8, 78.1, 83.0], [70.0, 75.5, 71.2, 73.3]
+    c = compare_seeds(a, b)
+    assert c.mean == pytest.approx(np.mean(a)) and c.std == pytest.approx(np.std(a, ddof=1))
+    assert c.baseline_std == pytest.approx(np.std(b, ddof=1))
+    assert c.difference == pytest.approx(np.mean(a) - np.mean(b))
+    se = math.sqrt(np.var(a, ddof=1) / 3 + np.var(b, ddof=1) / 4)
+    assert c.standard_error == pytest.approx(se)
+    with pytest.raises(ValueError, match="at least two seeds"):
+        compare_seeds([1.0], b)

@@ -7,6 +7,7 @@ figure; nothing here trains or reads files.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
@@ -15,9 +16,9 @@ from matplotlib.patches import Rectangle
 from torch import Tensor
 
 from detr_edu.engine import WarmupStepSchedule
-from detr_edu.logs import series
+from detr_edu.logs import final_metrics, series
 
-__all__ = ["plot_training", "plot_runs", "plot_predictions", "plot_lr_schedule"]
+__all__ = ["plot_training", "plot_runs", "plot_seeded_runs", "plot_predictions", "plot_lr_schedule"]
 
 _METRIC_COLOURS = {"AP": "tab:blue", "AP50": "tab:orange", "AR100": "tab:green"}
 
@@ -103,6 +104,38 @@ def plot_runs(
         ax.set_xlabel(xlabel, fontsize=8)
         ax.legend(fontsize=7)
     return _finish(fig, (ax_ap, ax_loss), title)
+
+
+def plot_seeded_runs(
+    variants: Mapping[str, Sequence[Sequence[dict]]], *, metric: str = "AP", title: str = ""
+) -> Figure:
+    """Several seeds of several variants. Left: ``metric`` against optimisation steps, one thin line
+    per seed in its variant's colour. Right: each seed's final ``metric`` as a dot and the variant's
+    mean ± sample standard deviation as a bar, so the spread between seeds is on the page.
+    ``variants`` maps a label to the records of each of its seeds' runs."""
+    fig, (ax_curve, ax_final) = plt.subplots(1, 2, figsize=(9.0, 3.2), gridspec_kw={"width_ratios": [1.6, 1]})
+    for i, (label, seeds) in enumerate(variants.items()):
+        colour = f"C{i}"
+        finals = []
+        for k, records in enumerate(seeds):
+            steps, values = series(records, metric, kind="eval", x="step")
+            ax_curve.plot(
+                steps, values, "o-", color=colour, lw=1.0, ms=3, alpha=0.8, label=label if k == 0 else None
+            )
+            finals.append(final_metrics(records)[metric])
+        jitter = [i + 0.12 * (k - (len(finals) - 1) / 2) for k in range(len(finals))]
+        ax_final.plot(jitter, finals, "o", color=colour, ms=5, alpha=0.8)
+        if len(finals) > 1:
+            mean, std = statistics.fmean(finals), statistics.stdev(finals)
+            ax_final.errorbar([i + 0.35], [mean], yerr=[std], fmt="s", color=colour, ms=6, capsize=4)
+    ax_curve.set_xlabel("optimisation step", fontsize=8)
+    ax_curve.set_ylabel(f"COCO {metric} on held-out scenes (%)", fontsize=8)
+    ax_curve.set_ylim(bottom=0)
+    ax_curve.legend(fontsize=7)
+    ax_final.set_xticks(range(len(variants)), list(variants), rotation=20, ha="right", fontsize=7)
+    ax_final.set_xlim(-0.5, len(variants) - 0.3)
+    ax_final.set_ylabel(f"final {metric}: seeds (dots), mean ± std (square)", fontsize=8)
+    return _finish(fig, (ax_curve, ax_final), title)
 
 
 def plot_predictions(
