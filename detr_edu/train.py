@@ -569,7 +569,10 @@ def train(run: Run, train_ds: CocoDetection, progress: Progress) -> str:
     length = RunLength(budget_s=budget_s, total_steps=None if budget_s else tcfg.epochs * iters_per_epoch)
     ddp_model = (
         nn.parallel.DistributedDataParallel(
-            run.model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None
+            run.model,
+            device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+            # with transformer_levels some backbone stages feed no level and never get a gradient
+            find_unused_parameters=run.mcfg.backbone.transformer_levels is not None,
         )
         if ctx.distributed
         else run.model
