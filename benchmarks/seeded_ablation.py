@@ -1,6 +1,6 @@
 """The note's Q2, Q3 and Q5 answered by training: several seeds per variant, equal steps, one core each.
 
-    .venv/bin/python benchmarks/seeded_ablation.py            # 5 variants x 3 seeds, ~85 min on 2 cores
+    .venv/bin/python benchmarks/seeded_ablation.py            # 5 variants x 3 seeds: 92 min on 2 cores
     .venv/bin/python benchmarks/seeded_ablation.py --table-only
 
 Every run is ``python -m detr_edu.train --preset dino_cpu`` with the preset's recipe, on the first
@@ -144,7 +144,8 @@ def write_table() -> str:
     lines = [
         f"DINO (`dino_cpu`), {EPOCHS} epochs of the first {NUM_TRAIN:,} digit scenes (1,500 steps of batch "
         f"4, lr x0.1 after 80 %), seeds {', '.join(map(str, SEEDS))}; two runs at a time on "
-        f"{machine_description()}, each run pinned to its own core with one thread; COCO AP on the 500 "
+        f"{machine_description().rsplit(',', 1)[0]}, each run pinned to its own core with one thread; "
+        "COCO AP on the 500 "
         "held-out scenes. Command: `.venv/bin/python benchmarks/seeded_ablation.py` (`--table-only` "
         "rebuilds this table from `seeded_ablation/*.jsonl`). mean ± sample std over seeds; Δ AP = variant "
         "mean - baseline mean ± its standard error.",

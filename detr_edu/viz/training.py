@@ -134,7 +134,7 @@ def plot_seeded_runs(
     ax_curve.legend(fontsize=7)
     ax_final.set_xticks(range(len(variants)), list(variants), rotation=20, ha="right", fontsize=7)
     ax_final.set_xlim(-0.5, len(variants) - 0.3)
-    ax_final.set_ylabel(f"final {metric}: seeds (dots), mean ± std (square)", fontsize=8)
+    ax_final.set_ylabel(f"final {metric} (dots: seeds; square: mean ± std)", fontsize=7)
     return _finish(fig, (ax_curve, ax_final), title)
 
 
