@@ -108,7 +108,7 @@ def _run(nn: str, checker: str, answer) -> None:
     """Call ``chNN.check_N(answer, *chapter state)`` as the chapter's check cell does."""
     args = _check_calls(nn)[checker][1:]
     state = _state(nn)
-    getattr(_module(nn), checker)(answer, *(state[a] for a in args))
+    getattr(_module(nn), checker).strict(answer, *(state[a] for a in args))
 
 
 def _exercise_is_function(nn: str, number: int) -> bool:
@@ -267,7 +267,7 @@ def test_wrong_answers_are_rejected(nn: str, checker: str) -> None:
 @pytest.mark.parametrize("nn", NUMBERS)
 def test_check_cells_call_exactly_the_chapters_checkers(nn: str) -> None:
     checks = _cells(nn, "exercise-check")
-    assert all("raises-exception" in c.metadata["tags"] for c in checks)
+    assert not any("raises-exception" in c.metadata["tags"] for c in checks)  # a ✗ is printed, not raised
     assert all(c.outputs == [] or c.execution_count is not None for c in checks)
     calls = [CHECK_CALL.match(c.source.strip()).group(2) for c in checks]
     assert sorted(calls) == _checkers(nn) and len(set(calls)) == len(calls)
@@ -347,3 +347,14 @@ def test_nothing_in_the_package_imports_the_exercises() -> None:
     for module, deps in graph.items():
         if not module.startswith("detr_edu.exercises"):
             assert not {d for d in deps if d.startswith("detr_edu.exercises")}, module
+
+
+def test_a_check_cell_prints_the_cross_and_goes_on(capsys) -> None:
+    from detr_edu.exercises import ch01
+
+    assert ch01.check_4(...) is False
+    assert capsys.readouterr().out.strip() == (
+        "✗ Exercise 4 (chapter 01): not answered yet: replace the ... in answer_4"
+    )
+    assert ch01.check_4(_solution("01", 4)) is True
+    assert capsys.readouterr().out.startswith("exercise 4: correct")

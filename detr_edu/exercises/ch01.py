@@ -8,12 +8,13 @@ import torch
 from torch import Tensor
 
 from detr_edu.attention import SelfAttention, attention_matrix_bytes, scaled_dot_product_attention
-from detr_edu.exercises.checking import Exercise
+from detr_edu.exercises.checking import Exercise, checker
 
 __all__ = ["check_1", "check_2", "check_3", "check_4"]
 CHAPTER = 1
 
 
+@checker
 def check_1(answer_1: Callable[[Tensor], Tensor]) -> None:
     """Query 0's output when keys 2-4 are blocked and keys 0 and 1 score equally, as a function of v."""
     ex = Exercise(CHAPTER, 1)
@@ -33,6 +34,7 @@ def check_1(answer_1: Callable[[Tensor], Tensor]) -> None:
     ex.correct()
 
 
+@checker
 def check_2(answer_2: int) -> None:
     """Parameters of SelfAttention(dim=256, num_heads=8)."""
     ex = Exercise(CHAPTER, 2)
@@ -46,6 +48,7 @@ def check_2(answer_2: int) -> None:
     ex.correct()
 
 
+@checker
 def check_3(answer_3: tuple[int, ...]) -> None:
     """Shape of key_padding_mask for cross-attention: B = 2, 100 queries, a 25 x 38 memory."""
     ex = Exercise(CHAPTER, 3)
@@ -62,6 +65,7 @@ def check_3(answer_3: tuple[int, ...]) -> None:
     ex.correct()
 
 
+@checker
 def check_4(answer_4: float) -> None:
     """Factor by which the attention matrix grows when the image side doubles (same stride)."""
     ex = Exercise(CHAPTER, 4)

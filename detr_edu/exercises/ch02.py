@@ -12,12 +12,13 @@ from detr_edu.deformable import (
     level_start_index_from_shapes,
     offsets_to_locations,
 )
-from detr_edu.exercises.checking import Exercise
+from detr_edu.exercises.checking import Exercise, checker
 
 __all__ = ["check_1", "check_2", "check_3", "check_4", "check_5"]
 CHAPTER = 2
 
 
+@checker
 def check_1(answer_1: tuple[float, float]) -> None:
     """The normalised (x, y) at which sampling a 6 x 9 level reads pixel (row 4, column 2) exactly."""
     ex = Exercise(CHAPTER, 1)
@@ -36,6 +37,7 @@ def check_1(answer_1: tuple[float, float]) -> None:
     ex.correct()
 
 
+@checker
 def check_2(answer_2: tuple[float, float]) -> None:
     """The x-offset that moves a sample from x = 0.5 to x = 0.75: 2-d reference (width 18), 4-d box
     reference (w = 0.2, P = 4)."""
@@ -62,6 +64,7 @@ def check_2(answer_2: tuple[float, float]) -> None:
     ex.correct()
 
 
+@checker
 def check_3(answer_3: int) -> None:
     """Parameters of the offset and attention-weight linears of the COCO configuration."""
     ex = Exercise(CHAPTER, 3)
@@ -77,6 +80,7 @@ def check_3(answer_3: int) -> None:
     ex.correct(f"{expected:,} parameters vs {projections:,} in the value and output projections")
 
 
+@checker
 def check_4(answer_4: tuple[float, float]) -> None:
     """Initial offset (pixels) of point k = 3 (1-based) of head 1 of 8."""
     ex = Exercise(CHAPTER, 4)
@@ -92,6 +96,7 @@ def check_4(answer_4: tuple[float, float]) -> None:
     ex.correct()
 
 
+@checker
 def check_5(answer_5: Tensor) -> None:
     """A key_padding_mask for a 1-level 4 x 6 map, image 1's last two columns padding."""
     ex = Exercise(CHAPTER, 5)

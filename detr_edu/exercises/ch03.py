@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from detr_edu.exercises.checking import Exercise
+from detr_edu.exercises.checking import Exercise, checker
 from detr_edu.levels import encoder_reference_points, flatten_levels, valid_ratios_from_mask
 from detr_edu.position import resize_mask, sine_position_embedding
 
@@ -15,6 +15,7 @@ __all__ = ["check_1", "check_2", "check_3", "check_4", "check_5"]
 CHAPTER = 3
 
 
+@checker
 def check_1(answer_1: float) -> None:
     """Valid ratio (x) on the stride-16 level of an image 70 px wide padded to 128."""
     ex = Exercise(CHAPTER, 1)
@@ -30,6 +31,7 @@ def check_1(answer_1: float) -> None:
     ex.correct()
 
 
+@checker
 def check_2(answer_2: int) -> None:
     """Token index of pixel (row 2, column 3) of level 1 for shapes [[16, 16], [8, 8], [4, 4]]."""
     ex = Exercise(CHAPTER, 2)
@@ -47,6 +49,7 @@ def check_2(answer_2: int) -> None:
     ex.correct()
 
 
+@checker
 def check_3(answer_3: Callable[[int], float]) -> None:
     """The y-part of the sine embedding dotted with itself, as a function of F."""
     ex = Exercise(CHAPTER, 3)
@@ -65,6 +68,7 @@ def check_3(answer_3: Callable[[int], float]) -> None:
     ex.correct()
 
 
+@checker
 def check_4(answer_4: float) -> None:
     """x (in level-2 pixels) of the encoder reference point of level 0's column 12 (valid widths 13, 4)."""
     ex = Exercise(CHAPTER, 4)
@@ -81,6 +85,7 @@ def check_4(answer_4: float) -> None:
     ex.correct()
 
 
+@checker
 def check_5(answer_5: int) -> None:
     """Numbers returned by encoder_reference_points for B = 2 and levels 16x16, 8x8, 4x4, 2x2."""
     ex = Exercise(CHAPTER, 5)

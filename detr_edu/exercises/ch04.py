@@ -13,7 +13,7 @@ from torch import nn
 from detr_edu.backbone import level_masks
 from detr_edu.build import build_model
 from detr_edu.config import get_preset
-from detr_edu.exercises.checking import Exercise
+from detr_edu.exercises.checking import Exercise, checker
 from detr_edu.masks import valid_sizes
 from detr_edu.two_stage import encoder_proposals
 
@@ -34,6 +34,7 @@ def _level_shapes(model: nn.Module, size: int) -> torch.Tensor:
     return torch.tensor([tuple(f.shape[-2:]) for f in features])
 
 
+@checker
 def check_1(answer_1: int) -> None:
     """Encoder tokens (= proposals) of the CPU DINO on a 128 x 128 image."""
     ex = Exercise(CHAPTER, 1)
@@ -47,6 +48,7 @@ def check_1(answer_1: int) -> None:
     ex.correct()
 
 
+@checker
 def check_2(answer_2: float) -> None:
     """Width in pixels of a level-3 proposal on a 128-pixel-wide image."""
     ex = Exercise(CHAPTER, 2)
@@ -64,6 +66,7 @@ def check_2(answer_2: float) -> None:
     ex.correct()
 
 
+@checker
 def check_3(answer_3: int) -> None:
     """Valid rows of the stride-32 level of an image 100 px high padded to 128."""
     ex = Exercise(CHAPTER, 3)
@@ -98,6 +101,7 @@ def _gradient_groups(look_forward_twice: bool) -> tuple[tuple[str, bool], ...]:
     return tuple(groups.items())
 
 
+@checker
 def check_4(answer_4: str) -> None:
     """The parameter group that gets gradient from the last layer's box loss only with look forward twice."""
     ex = Exercise(CHAPTER, 4)
@@ -120,6 +124,7 @@ def check_4(answer_4: str) -> None:
     ex.correct()
 
 
+@checker
 def check_5(answer_5: tuple[int, int]) -> None:
     """(CPU DINO's shared box head, three per-layer box heads) in parameters."""
     ex = Exercise(CHAPTER, 5)

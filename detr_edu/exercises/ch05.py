@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from detr_edu.exercises.checking import Exercise
+from detr_edu.exercises.checking import Exercise, checker
 from detr_edu.matcher import HungarianMatcher
 from detr_edu.scenes import DigitScenes, digit_split
 
@@ -25,6 +25,7 @@ def _pairs(cost: Tensor) -> set[tuple[int, int]]:
     return set(zip(rows.tolist(), cols.tolist(), strict=True))
 
 
+@checker
 def check_1(answer_1: Callable[[Tensor, Tensor], bool]) -> None:
     """``answer_1(cost, add)``: does adding ``add`` change the optimal assignment of ``cost``?"""
     ex = Exercise(CHAPTER, 1)
@@ -47,6 +48,7 @@ def check_1(answer_1: Callable[[Tensor, Tensor], bool]) -> None:
     ex.correct("a column constant never changes the assignment; a row constant can when Nq > G")
 
 
+@checker
 def check_2(answer_2: Callable[..., Tensor]) -> None:
     """``answer_2(logits, labels, eos_coef)``: the (Nq, G) change of DETR's weighted CE loss."""
     ex = Exercise(CHAPTER, 2)
@@ -84,6 +86,7 @@ def _validation_digits_used() -> frozenset[int]:
     return frozenset(i for k in range(len(scenes)) for i in scenes[k][1]["digit_ids"].tolist())
 
 
+@checker
 def check_3(answer_3: int) -> None:
     """Different digit images used by DigitScenes(100, seed=0, split="val")."""
     ex = Exercise(CHAPTER, 3)
@@ -98,6 +101,7 @@ def check_3(answer_3: int) -> None:
     ex.correct("and they are all validation digits, none from training")
 
 
+@checker
 def check_4(answer_4: float | None, scene_logits: Tensor, scene_boxes: Tensor, target: dict) -> None:
     """Smallest class weight of CLASS_WEIGHTS whose matched queries differ from class weight 0's
     (box weights 5 and 2), or None; for the chapter's scene ``scene_logits`` (Nq, K), ``scene_boxes``

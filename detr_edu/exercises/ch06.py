@@ -7,7 +7,7 @@ import torch
 
 from detr_edu import box_ops
 from detr_edu.criterion import SetCriterion
-from detr_edu.exercises.checking import Exercise
+from detr_edu.exercises.checking import Exercise, checker
 from detr_edu.matcher import HungarianMatcher
 
 __all__ = ["check_1", "check_2", "check_3", "check_4"]
@@ -20,6 +20,7 @@ def _criterion(num_classes: int) -> SetCriterion:
     return SetCriterion(num_classes=num_classes, matcher=matcher, weight_dict=WEIGHTS)
 
 
+@checker
 def check_1(answer_1: float) -> None:
     """Focal loss_class with Nq = 4, K = 3, one object, every logit 0."""
     ex = Exercise(CHAPTER, 1)
@@ -37,6 +38,7 @@ def check_1(answer_1: float) -> None:
     ex.correct()
 
 
+@checker
 def check_2(answer_2: float) -> None:
     """GIoU of (0.5, 0.5, 0.2, 0.2) and (0.8, 0.5, 0.2, 0.2) (cxcywh)."""
     ex = Exercise(CHAPTER, 2)
@@ -52,6 +54,7 @@ def check_2(answer_2: float) -> None:
     ex.correct()
 
 
+@checker
 def check_3(answer_3: int) -> None:
     """Terms returned by the criterion: 6 decoder layers, two-stage encoder losses, no denoising."""
     ex = Exercise(CHAPTER, 3)
@@ -77,6 +80,7 @@ def check_3(answer_3: int) -> None:
     ex.correct()
 
 
+@checker
 def check_4(answer_4: float) -> None:
     """loss_bbox of a batch of an image with 3 objects (0.3 alone) and one with 1 object (0.1 alone)."""
     ex = Exercise(CHAPTER, 4)

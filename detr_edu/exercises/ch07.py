@@ -10,13 +10,14 @@ from torch import Tensor
 
 from detr_edu import box_ops
 from detr_edu.denoising import denoising_attn_mask, denoising_groups, make_noised_targets
-from detr_edu.exercises.checking import Exercise
+from detr_edu.exercises.checking import Exercise, checker
 from detr_edu.scenes import DigitScenes
 
 __all__ = ["check_1", "check_2", "check_3", "check_4", "group_of_slots"]
 CHAPTER = 7
 
 
+@checker
 def check_1(answer_1: tuple[int, int, int]) -> None:
     """(groups, denoising queries, allowed mask entries): dn_number 100, 12 objects, 900 queries."""
     ex = Exercise(CHAPTER, 1)
@@ -49,6 +50,7 @@ def group_of_slots(groups: int, single_pad: int, num_queries: int) -> Tensor:
     return torch.cat([denoising, torch.full((num_queries,), -1)])  # (Nd + Nq,)
 
 
+@checker
 def check_2(answer_2: Callable[[Tensor], Tensor]) -> None:
     """``answer_2(group_of)``: the whole attention mask (True = blocked) from the slots' groups."""
     ex = Exercise(CHAPTER, 2)
@@ -109,6 +111,7 @@ def positive_beats_negative(num_targets: int = 5000, *, seed: int = 3) -> tuple[
     )
 
 
+@checker
 def check_3(answer_3: float) -> None:
     """Fraction (2 decimals) of (positive, negative) pairs in which the positive has the higher IoU."""
     ex = Exercise(CHAPTER, 3)
@@ -125,6 +128,7 @@ def check_3(answer_3: float) -> None:
     ex.correct(f"mean IoU of the positives {iou_pos:.3f}, of the negatives {iou_neg:.3f}")
 
 
+@checker
 def check_4(answer_4: float) -> None:
     """Fraction (3 decimals) of padded denoising queries for DigitScenes(8, seed=0), dn_number 100."""
     ex = Exercise(CHAPTER, 4)

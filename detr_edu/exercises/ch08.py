@@ -7,7 +7,7 @@ import math
 
 from torch.utils.data import DataLoader, DistributedSampler
 
-from detr_edu.exercises.checking import Exercise
+from detr_edu.exercises.checking import Exercise, checker
 from detr_edu.export import SHIPPED_WEIGHTS, load_shipped
 from detr_edu.logs import series
 
@@ -15,6 +15,7 @@ __all__ = ["check_1", "check_2", "check_3", "first_minutes"]
 CHAPTER = 8
 
 
+@checker
 def check_1(answer_1: tuple[int, int]) -> None:
     """(steps per epoch, steps in 12 epochs): COCO train2017, 8 GPUs x 2 images."""
     ex = Exercise(CHAPTER, 1)
@@ -41,6 +42,7 @@ def first_minutes(records: list[dict], key: str = "AP50", level: float = 20.0) -
     return None
 
 
+@checker
 def check_2(answer_2: dict, runs: dict[str, list[dict]]) -> None:
     """{label: minutes at the first evaluation with AP50 >= 20, or None} for the chapter's ``runs``
     (label -> the records of its log.jsonl)."""
@@ -66,6 +68,7 @@ def check_2(answer_2: dict, runs: dict[str, list[dict]]) -> None:
     ex.correct()
 
 
+@checker
 def check_3(answer_3: tuple[float, float]) -> None:
     """(bytes of the shipped model's floating tensors in float32, their float16 share of the file)."""
     ex = Exercise(CHAPTER, 3)

@@ -6,15 +6,16 @@ answer is missing or wrong, and prints ``exercise N: correct`` when it is right.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import torch
 from torch import Tensor
 
-__all__ = ["ExerciseError", "Exercise", "is_missing"]
+__all__ = ["ExerciseError", "Exercise", "is_missing", "checker"]
 
 
 class ExerciseError(Exception):
@@ -29,6 +30,24 @@ class ExerciseError(Exception):
     def _render_traceback_(self) -> list[str]:
         """IPython's hook: the lines it shows instead of a traceback through the package."""
         return [f"✗ Exercise {self.number} (chapter {self.chapter:02d}): {self.message}"]
+
+
+def checker(check: Callable[..., None]) -> Callable[..., bool]:
+    """A chapter's check cell: run ``check``; on a missing or wrong answer print its one ``✗`` line
+    and return False (a learner's Run All goes on), True when the answer is right. The raising
+    version stays available as ``.strict`` (the tests use it)."""
+
+    @functools.wraps(check)
+    def show(*args: Any) -> bool:
+        try:
+            check(*args)
+        except ExerciseError as error:
+            print(error._render_traceback_()[0])
+            return False
+        return True
+
+    show.strict = check  # type: ignore[attr-defined]
+    return show
 
 
 def is_missing(answer: Any) -> bool:

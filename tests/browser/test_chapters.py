@@ -1,5 +1,4 @@
-"""Every chapter as a learner meets it: opened in JupyterLab in a real Chromium, Run All, no errors
-(but the one-line ✗ of each exercise not answered yet),
+"""Every chapter as a learner meets it: opened in JupyterLab in a real Chromium, Run All, no errors,
 and every widget redraws its picture when any of its controls changes.
 
 nbval proves that the cells run, but it has no widget manager and no browser, so it cannot tell
@@ -48,15 +47,10 @@ RUN_FINISHED_JS = r"""() => {
   return prompts.length > 0 && prompts.every(p => !p.innerText.includes('*'));
 }"""
 
-# Error outputs anywhere in the notebook (tracebacks; stderr such as warnings). One kind is expected
-# and allowed: an exercise's check cell whose answer is not filled in yet raises ExerciseError, which
-# IPython renders as one line "✗ Exercise N (chapter NN): ..." (detr_edu.exercises.checking). JupyterLab
-# shows error outputs under the stderr mime type, so the test is on the text: only an output that
-# consists of such a line is left out; any other error or stderr output is reported.
+# Error outputs anywhere in the notebook (tracebacks; stderr such as warnings).
 ERRORS_JS = r"""() => Array.from(document.querySelectorAll(
     '.jp-Notebook [data-mime-type="application/vnd.jupyter.error"],' +
     '.jp-Notebook [data-mime-type="application/vnd.jupyter.stderr"]'))
-  .filter(e => !/^\s*✗ Exercise \d+ \(chapter \d\d\): [^\n]*\s*$/.test(e.innerText))
   .map(e => e.innerText.slice(0, 2000))"""
 
 # A short fingerprint of the pictures in a widget's output area (their src), and how many there are.
